@@ -1,0 +1,71 @@
+"""Multi-host start-up: `jax.distributed` from flags or from the cluster.
+
+Every process of a multi-host job runs the same program; `initialize` must be
+called before anything touches a device. Three cases:
+
+  * explicit flags (`--coordinator HOST:PORT --num-processes N --process-id I`),
+    e.g. two processes on one machine for tests;
+  * a cluster JAX recognises by itself (TPU pod slices, SLURM with more than
+    one task, Open MPI), where `jax.distributed.initialize()` finds everything;
+  * neither: one process, nothing to do.
+
+On CPU, cross-process collectives need gloo, which must be chosen before the
+backend starts.
+"""
+
+import os
+
+import jax
+
+
+def _cluster_detected() -> bool:
+  """True when the environment describes a multi-process cluster JAX knows."""
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    return True
+  # TPU pod slices: every host lists all workers.
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  return len([h for h in hosts.split(",") if h]) > 1
+
+
+def initialize(coordinator: str | None = None,
+               num_processes: int | None = None,
+               process_id: int | None = None) -> tuple[int, int]:
+  """Starts `jax.distributed` when the job spans several processes.
+
+  Args:
+    coordinator: "host:port" of process 0, or None to auto-detect.
+    num_processes: total number of processes (with `coordinator`).
+    process_id: this process's index in [0, num_processes) (with
+      `coordinator`).
+
+  Returns:
+    (process_index, process_count) after initialisation.
+  """
+  explicit = (coordinator, num_processes, process_id)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise ValueError(
+          "--coordinator, --num-processes and --process-id go together; got "
+          f"coordinator={coordinator!r}, num_processes={num_processes!r}, "
+          f"process_id={process_id!r}")
+    if not 0 <= process_id < num_processes:
+      raise ValueError(
+          f"--process-id {process_id} is outside [0, {num_processes})")
+    if num_processes > 1:
+      _use_gloo_on_cpu()
+      jax.distributed.initialize(coordinator, num_processes, process_id)
+  elif _cluster_detected():
+    _use_gloo_on_cpu()
+    jax.distributed.initialize()
+  return jax.process_index(), jax.process_count()
+
+
+def _use_gloo_on_cpu() -> None:
+  # Must happen before the CPU backend exists; harmless on GPU/TPU, whose
+  # collectives do not go through this setting.
+  platforms = os.environ.get("JAX_PLATFORMS", "") or str(
+      jax.config.jax_platforms or "")
+  if not platforms or "cpu" in platforms.split(","):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -1,0 +1,123 @@
+"""Run metrics on disk: TensorBoard event files and a JSONL log.
+
+TensorBoard events are written with TensorBoard's own event-file writer and
+summary protos, so no TensorFlow is needed. One `MetricsWriter` serves the
+whole run; only process 0 writes, the others get a writer that does nothing.
+
+JSONL records look like `{"step": 12, "time": 1700000000.0, "train/loss":
+2.3, ...}`, one per logged step, in step order.
+"""
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+from tensorboard.compat.proto import event_pb2
+from tensorboard.plugins.hparams import summary_v2 as hparams_summary
+from tensorboard.plugins.scalar import summary_v2 as scalar_summary
+from tensorboard.summary.writer import event_file_writer
+
+
+class MetricsWriter:
+  """Writes scalars to `<workdir>/tb/` and `<workdir>/metrics.jsonl`."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True,
+               resume_step: int = 0):
+    """Opens the writers.
+
+    Args:
+      workdir: the run directory.
+      enabled: False on every process but 0.
+      resume_step: the step a resumed run restarts from. Records past it were
+        written by the interrupted process after its last checkpoint and are
+        about to be recomputed, so they are dropped from the JSONL file and
+        marked stale in TensorBoard (a session restart, which TensorBoard
+        honours by discarding later events).
+    """
+    self._enabled = enabled
+    if not enabled:
+      return
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self.tb_dir = os.path.join(workdir, "tb")
+    os.makedirs(self.tb_dir, exist_ok=True)
+    if resume_step > 0:
+      _truncate_jsonl(self.jsonl_path, resume_step)
+    self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+    self._events = event_file_writer.EventFileWriter(self.tb_dir)
+    if resume_step > 0:
+      self._events.add_event(event_pb2.Event(
+          wall_time=time.time(), step=resume_step + 1,
+          session_log=event_pb2.SessionLog(
+              status=event_pb2.SessionLog.START)))
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    """Writes one step's scalars (tag -> value) to both sinks."""
+    if not self._enabled:
+      return
+    now = time.time()
+    record = {"step": int(step), "time": now}
+    for tag, value in scalars.items():
+      value = float(value)
+      record[tag] = value if math.isfinite(value) else str(value)
+      event = event_pb2.Event(wall_time=now, step=int(step),
+                              summary=scalar_summary.scalar_pb(tag, value))
+      self._events.add_event(event)
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+
+  def write_hparams(self, hparams: Mapping[str, Any],
+                    metric_tags: list[str]) -> None:
+    """Writes the run's hyperparameters for TensorBoard's HParams dashboard.
+
+    Args:
+      hparams: flat name -> bool/int/float/str (other values are stringified).
+      metric_tags: scalar tags the dashboard shows next to the hyperparameters.
+    """
+    if not self._enabled:
+      return
+    clean = {k: _hparam_value(v) for k, v in hparams.items()}
+    config_pb = hparams_summary.hparams_config_pb(
+        hparams=[hparams_summary.HParam(k) for k in sorted(clean)],
+        metrics=[hparams_summary.Metric(t) for t in metric_tags])
+    for pb in (config_pb, hparams_summary.hparams_pb(clean)):
+      self._events.add_event(event_pb2.Event(wall_time=time.time(), step=0,
+                                             summary=pb))
+
+  def flush(self) -> None:
+    if self._enabled:
+      self._events.flush()
+      self._jsonl.flush()
+
+  def close(self) -> None:
+    if self._enabled:
+      self._events.close()
+      self._jsonl.close()
+      self._enabled = False
+
+
+def _hparam_value(value):
+  if isinstance(value, (bool, int, float, str)):
+    return value
+  return json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(
+      value)
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+  """Keeps only records with step <= last_step (and a complete last line)."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # A line cut short by the kill that interrupted the run.
+      if record.get("step", 0) <= last_step:
+        kept.append(json.dumps(record) + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
