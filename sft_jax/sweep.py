@@ -1,0 +1,654 @@
+"""`sft-jax sweep`: run every point of an experiment's sweep, then summarise.
+
+An experiment is a Python file with `get_config(arg=None)` (a train config,
+usually forking configs/base.py) and `get_sweep(arg=None)` returning a list of
+points, each a dict of config overrides `{"data.sources.general.weight": 0.25}`.
+`grid()` builds the cartesian product of a few axes; a plain list works too.
+
+Each point runs as its own process,
+
+  python -m sft_jax train --config EXP.py[:arg] --workdir DIR/<run-name> \
+      --config.KEY=VALUE ...
+
+so it has its own run directory (resolved config, checkpoints, metrics.jsonl,
+TensorBoard events with the point's hyperparameters for the HParams view).
+When a point's process exits cleanly the runner writes `DIR/<run-name>/
+sweep_done.json`; re-running the sweep skips those points and re-launches the
+others, which resume from their own checkpoints. At the end it writes
+`DIR/summary.md`, `DIR/summary.csv` (final and best value of each chosen metric
+per point, read from each run's metrics.jsonl) and `DIR/summary.png` (the final
+values against the swept key).
+"""
+
+import argparse
+import csv
+import dataclasses
+import importlib.util
+import inspect
+import io
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+DONE_MARKER = "sweep_done.json"
+LOG_NAME = "sweep.log"
+METRICS_NAME = "metrics.jsonl"
+TRAIN_COMMAND = (sys.executable, "-m", "sft_jax", "train")
+
+# Metrics whose names match this are better when higher; all others lower.
+_HIGHER_IS_BETTER = re.compile(
+    r"acc|exact_match|json_valid|schema|rouge|bleu|f1|mfu|per_s|tokens_s")
+
+
+class SweepError(Exception):
+  """A malformed experiment, sweep point or metrics file."""
+
+
+# ----------------------------------------------------------------- points
+
+
+def grid(axes: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+  """The cartesian product of `axes` (key -> values), first key slowest.
+
+  grid({"optim.lr": [1e-4, 3e-4], "seed": [0, 1]}) has four points.
+  """
+  keys = list(axes)
+  for key in keys:
+    if isinstance(axes[key], (str, bytes)) or not len(axes[key]):
+      raise SweepError(f"grid axis {key!r} needs a non-empty list of values")
+  return [dict(zip(keys, values))
+          for values in itertools.product(*(axes[k] for k in keys))]
+
+
+def _format_value(value: Any) -> str:
+  """How a value is written on the train command line."""
+  if isinstance(value, bool):
+    return "true" if value else "false"
+  if isinstance(value, float):
+    return repr(value)
+  if isinstance(value, (list, tuple)):
+    return ",".join(_format_value(v) for v in value)
+  return str(value)
+
+
+def _name_value(value: Any) -> str:
+  if isinstance(value, float):
+    text = f"{value:g}"
+  else:
+    text = _format_value(value)
+  return re.sub(r"[^A-Za-z0-9._+-]", "-", text)
+
+
+def run_names(points: Sequence[Mapping[str, Any]]) -> list[str]:
+  """Directory names for `points`, e.g. "weight=0.25,lr=0.0003".
+
+  Each key is shortened to its last dotted component, or as many trailing
+  components as needed to tell apart keys that share it; a point with no
+  overrides is "default". Raises SweepError if two points get the same name.
+  """
+  keys = list(dict.fromkeys(k for p in points for k in p))
+  short = {}
+  for key in keys:
+    parts = key.split(".")
+    for n in range(1, len(parts) + 1):
+      cand = ".".join(parts[-n:])
+      clash = [k for k in keys if k != key and
+               (k == cand or k.endswith("." + cand))]
+      if not clash:
+        break
+    short[key] = cand
+  names = []
+  for point in points:
+    names.append(",".join(f"{short[k]}={_name_value(v)}"
+                          for k, v in point.items()) or "default")
+  seen = {}
+  for i, name in enumerate(names):
+    if name in seen:
+      raise SweepError(f"sweep points {seen[name]} and {i} both map to run "
+                       f"name {name!r}: {points[seen[name]]} vs {points[i]}")
+    seen[name] = i
+  return names
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One sweep point: its run name, overrides and run directory."""
+  name: str
+  overrides: dict[str, Any]
+  workdir: str
+
+  def command(self, config_spec: str, train_command: Sequence[str],
+              extra_args: Sequence[str] = ()) -> list[str]:
+    """The train command line that runs this point."""
+    return [*train_command, "--config", config_spec, "--workdir", self.workdir,
+            *(f"--config.{k}={_format_value(v)}"
+              for k, v in self.overrides.items()), *extra_args]
+
+  @property
+  def done(self) -> bool:
+    return os.path.exists(os.path.join(self.workdir, DONE_MARKER))
+
+
+def _split_spec(spec: str) -> tuple[str, str | None]:
+  path, sep, arg = spec.partition(":")
+  return path, (arg if sep else None)
+
+
+def load_experiment(spec: str):
+  """Imports the experiment file of `spec` ("path.py" or "path.py:arg")."""
+  path, _ = _split_spec(spec)
+  if not os.path.isfile(path):
+    raise SweepError(f"{spec}: experiment file {path!r} not found")
+  name = "sft_jax_experiment_" + re.sub(
+      r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  for func in ("get_config", "get_sweep"):
+    if not callable(getattr(module, func, None)):
+      raise SweepError(f"{path}: an experiment file needs a {func}() function")
+  return module
+
+
+def sweep_points(spec: str, workdir: str, module=None) -> list[Point]:
+  """The points of experiment `spec`, with run directories under `workdir`."""
+  module = module or load_experiment(spec)
+  _, arg = _split_spec(spec)
+  get_sweep = module.get_sweep
+  raw = get_sweep(arg) if inspect.signature(get_sweep).parameters else (
+      get_sweep())
+  raw = list(raw)
+  if not raw:
+    raise SweepError(f"{spec}: get_sweep() returned no points")
+  for i, point in enumerate(raw):
+    if not isinstance(point, Mapping) or not all(
+        isinstance(k, str) and k for k in point):
+      raise SweepError(f"{spec}: sweep point {i} must be a dict of config "
+                       f"keys to values, got {point!r}")
+  points = [dict(p) for p in raw]
+  return [Point(name, p, os.path.join(workdir, name))
+          for name, p in zip(run_names(points), points)]
+
+
+# ------------------------------------------------------------------ running
+
+
+def _pump(stream, log, echo: bool):
+  """Copies a child's output to its log file (and the console) as it comes."""
+  fd = stream.fileno()
+  while True:
+    chunk = os.read(fd, 65536)
+    if not chunk:
+      break
+    log.write(chunk)
+    log.flush()
+    if echo:
+      sys.stdout.buffer.write(chunk)
+      sys.stdout.flush()
+
+
+@dataclasses.dataclass
+class _Running:
+  point: Point
+  proc: subprocess.Popen
+  pump: threading.Thread
+  log: Any
+  start: float
+
+
+def _launch(point: Point, cmd: list[str], echo: bool,
+            env: Mapping[str, str] | None) -> _Running:
+  os.makedirs(point.workdir, exist_ok=True)
+  log = open(os.path.join(point.workdir, LOG_NAME), "ab")
+  log.write(f"\n$ {shlex.join(cmd)}\n".encode())
+  log.flush()
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          stdin=subprocess.DEVNULL,
+                          env=None if env is None else dict(env))
+  pump = threading.Thread(target=_pump, args=(proc.stdout, log, echo),
+                          daemon=True)
+  pump.start()
+  return _Running(point, proc, pump, log, time.time())
+
+
+def _finish(run: _Running, config_spec: str, cmd: list[str]) -> int:
+  rc = run.proc.wait()
+  run.pump.join()
+  run.log.close()
+  seconds = time.time() - run.start
+  if rc == 0:
+    marker = {"name": run.point.name, "overrides": run.point.overrides,
+              "config": config_spec, "command": cmd,
+              "seconds": round(seconds, 1),
+              "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    tmp = os.path.join(run.point.workdir, DONE_MARKER + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(marker, f, indent=1)
+    os.replace(tmp, os.path.join(run.point.workdir, DONE_MARKER))
+    print(f"[sweep] {run.point.name}: done in {seconds:.0f}s", flush=True)
+  else:
+    print(f"[sweep] {run.point.name}: FAILED (exit code {rc}) after "
+          f"{seconds:.0f}s; see {os.path.join(run.point.workdir, LOG_NAME)}",
+          flush=True)
+  return rc
+
+
+def run_points(points: Sequence[Point], config_spec: str, *,
+               parallel: int = 1,
+               train_command: Sequence[str] = TRAIN_COMMAND,
+               extra_args: Sequence[str] = (),
+               env: Mapping[str, str] | None = None) -> dict[str, int]:
+  """Runs the unfinished `points`, `parallel` at a time.
+
+  Returns run name -> exit code for the points launched (finished points are
+  skipped and absent). A failed point does not stop the others.
+  """
+  if parallel < 1:
+    raise SweepError(f"--parallel must be >= 1, got {parallel}")
+  todo = []
+  for p in points:
+    if p.done:
+      print(f"[sweep] {p.name}: already finished, skipping", flush=True)
+    else:
+      todo.append(p)
+  results, running = {}, []
+  echo = parallel == 1
+  try:
+    while todo or running:
+      while todo and len(running) < parallel:
+        point = todo.pop(0)
+        cmd = point.command(config_spec, train_command, extra_args)
+        state = "resuming" if os.path.isdir(point.workdir) else "starting"
+        print(f"[sweep] {point.name}: {state} -> {point.workdir}", flush=True)
+        running.append(_launch(point, cmd, echo, env))
+      time.sleep(0.05)
+      for run in [r for r in running if r.proc.poll() is not None]:
+        running.remove(run)
+        cmd = run.point.command(config_spec, train_command, extra_args)
+        results[run.point.name] = _finish(run, config_spec, cmd)
+  except KeyboardInterrupt:
+    # SIGTERM lets train save a checkpoint, so the next run resumes.
+    for run in running:
+      run.proc.terminate()
+    for run in running:
+      run.proc.wait()
+      run.pump.join()
+      run.log.close()
+    raise
+  return results
+
+
+# ------------------------------------------------------------------ summary
+
+
+def _flatten(record: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in record.items():
+    if isinstance(value, Mapping):
+      out.update(_flatten(value, f"{prefix}{key}/"))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+  """The records of a metrics.jsonl file, nested keys joined with "/".
+
+  A truncated last line (a process killed mid-write) is ignored; any other
+  malformed line raises SweepError naming the file and line.
+  """
+  with open(path) as f:
+    lines = f.read().split("\n")
+  records = []
+  last = max((i for i, l in enumerate(lines) if l.strip()), default=-1)
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict):
+        raise ValueError("not a JSON object")
+    except ValueError as e:
+      if i == last:
+        print(f"[sweep] {path}:{i + 1}: ignoring truncated last line",
+              file=sys.stderr)
+        continue
+      raise SweepError(f"{path}:{i + 1}: malformed metrics line: {e}") from e
+    records.append(_flatten(record))
+  return records
+
+
+def higher_is_better(metric: str) -> bool:
+  return bool(_HIGHER_IS_BETTER.search(metric.rsplit("/", 1)[-1]))
+
+
+@dataclasses.dataclass
+class MetricStats:
+  final: float
+  final_step: int | None
+  best: float
+  best_step: int | None
+
+
+def metric_stats(records: Iterable[Mapping[str, Any]]
+                 ) -> dict[str, MetricStats]:
+  """Final (last logged) and best value of every numeric metric."""
+  stats = {}
+  for record in records:
+    step = record.get("step")
+    for key, value in record.items():
+      if key == "step" or isinstance(value, bool) or not isinstance(
+          value, (int, float)):
+        continue
+      value = float(value)
+      s = stats.get(key)
+      if s is None:
+        stats[key] = MetricStats(value, step, value, step)
+        continue
+      s.final, s.final_step = value, step
+      better = value > s.best if higher_is_better(key) else value < s.best
+      if math.isnan(s.best) or (better and not math.isnan(value)):
+        s.best, s.best_step = value, step
+  return stats
+
+
+def default_metrics(all_stats: Iterable[Mapping[str, MetricStats]]
+                    ) -> list[str]:
+  """Train loss and every eval metric seen in any run."""
+  names = dict.fromkeys(k for s in all_stats for k in s)
+  chosen = [k for k in names if k == "loss" or k.startswith("eval")]
+  return chosen or list(names)
+
+
+@dataclasses.dataclass
+class Summary:
+  """One row per point: swept values, status, last step and metric stats."""
+  points: list[Point]
+  status: list[str]
+  steps: list[int | None]
+  stats: list[dict[str, MetricStats]]
+  metrics: list[str]
+
+  def keys(self) -> list[str]:
+    return list(dict.fromkeys(k for p in self.points for k in p.overrides))
+
+  def rows(self) -> list[dict[str, Any]]:
+    rows = []
+    for point, status, step, stats in zip(self.points, self.status,
+                                          self.steps, self.stats):
+      row = {"run": point.name}
+      row.update({k: point.overrides.get(k, "") for k in self.keys()})
+      row.update(status=status, step="" if step is None else step)
+      for m in self.metrics:
+        s = stats.get(m)
+        row[f"{m} final"] = "" if s is None else s.final
+        row[f"{m} best"] = "" if s is None else s.best
+        row[f"{m} best step"] = (
+            "" if s is None or s.best_step is None else s.best_step)
+      rows.append(row)
+    return rows
+
+  def csv(self) -> str:
+    rows = self.rows()
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+  def markdown(self) -> str:
+    rows = self.rows()
+    header = [h for h in rows[0] if not h.endswith(" best step")]
+
+    def cell(v):
+      return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(r[h]) for h in header) + " |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def summarize(points: Sequence[Point],
+              metrics: Sequence[str] | None = None) -> Summary:
+  """Reads every point's metrics.jsonl into a Summary."""
+  status, steps, stats = [], [], []
+  for p in points:
+    path = os.path.join(p.workdir, METRICS_NAME)
+    records = read_metrics(path) if os.path.exists(path) else []
+    stats.append(metric_stats(records))
+    run_steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
+    steps.append(max(run_steps) if run_steps else None)
+    if p.done:
+      status.append("done")
+    elif not os.path.isdir(p.workdir):
+      status.append("not started")
+    else:
+      status.append("unfinished" if records else "no metrics")
+  metrics = list(metrics) if metrics else default_metrics(stats)
+  return Summary(list(points), status, steps, stats, metrics)
+
+
+def _swept_key(summary: Summary, x: str | None) -> str | None:
+  keys = summary.keys()
+  if x is not None:
+    if x not in keys:
+      raise SweepError(f"--x {x!r} is not a swept key; swept keys: {keys}")
+    return x
+  for k in keys:
+    if len({repr(p.overrides.get(k)) for p in summary.points}) > 1:
+      return k
+  return keys[0] if keys else None
+
+
+def plot(summary: Summary, path: str, *, x: str | None = None,
+         metrics: Sequence[str] | None = None) -> str | None:
+  """Final value of each metric against swept key `x`, one panel per metric.
+
+  Points differing in other swept keys are drawn as separate lines. Returns the
+  PNG path, or None when there is no swept key or nothing to plot.
+  """
+  x = _swept_key(summary, x)
+  metrics = [m for m in (metrics or summary.metrics)
+             if any(m in s for s in summary.stats)]
+  if x is None or not metrics:
+    return None
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  others = [k for k in summary.keys() if k != x]
+  groups = {}
+  for p, s in zip(summary.points, summary.stats):
+    label = ", ".join(f"{k}={p.overrides.get(k)}" for k in others)
+    groups.setdefault(label, []).append((p.overrides.get(x), s))
+  xs_all = [p.overrides.get(x) for p in summary.points]
+  numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                for v in xs_all)
+  categories = list(dict.fromkeys(map(str, xs_all)))
+
+  fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4),
+                           squeeze=False)
+  for ax, m in zip(axes[0], metrics):
+    for label, items in groups.items():
+      items = [(v, s[m].final) for v, s in items if m in s]
+      if numeric:
+        items.sort(key=lambda t: t[0])
+        xs = [v for v, _ in items]
+      else:
+        xs = [categories.index(str(v)) for v, _ in items]
+      ax.plot(xs, [y for _, y in items], marker="o", label=label or None)
+    if not numeric:
+      ax.set_xticks(range(len(categories)), categories)
+    ax.set_xlabel(x)
+    ax.set_title(m + (" (higher is better)" if higher_is_better(m)
+                      else " (lower is better)"), fontsize=9)
+    ax.grid(alpha=0.3)
+    if others:
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def write_summary(summary: Summary, workdir: str, *, x: str | None = None
+                  ) -> dict[str, str]:
+  """Writes summary.md, summary.csv and summary.png under `workdir`."""
+  paths = {"md": os.path.join(workdir, "summary.md"),
+           "csv": os.path.join(workdir, "summary.csv")}
+  with open(paths["md"], "w") as f:
+    f.write(summary.markdown())
+  with open(paths["csv"], "w") as f:
+    f.write(summary.csv())
+  png = plot(summary, os.path.join(workdir, "summary.png"), x=x)
+  if png:
+    paths["png"] = png
+  return paths
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def run_sweep(spec: str, workdir: str, *, parallel: int = 1,
+              dry_run: bool = False, summary_only: bool = False,
+              only: Sequence[str] = (), metrics: Sequence[str] | None = None,
+              x: str | None = None, extra_args: Sequence[str] = (),
+              train_command: Sequence[str] = TRAIN_COMMAND,
+              check_config: Callable[[str, list[str]], Any] | None = None,
+              env: Mapping[str, str] | None = None) -> int:
+  """The whole `sft-jax sweep`; returns the process exit code.
+
+  train_command: the command prefix that trains one point (tests inject a fake
+    trainer here). check_config(spec, overrides) is called for every point
+    before anything runs, so a misspelt key fails the sweep up front.
+  """
+  module = load_experiment(spec)
+  points = sweep_points(spec, workdir, module)
+  if only:
+    unknown = sorted(set(only) - {p.name for p in points})
+    if unknown:
+      raise SweepError(f"--only: no such points {unknown}; points are "
+                       f"{[p.name for p in points]}")
+    points = [p for p in points if p.name in only]
+  if metrics is None:
+    metrics = getattr(module, "SUMMARY_METRICS", None)
+  if check_config is not None:
+    for p in points:
+      overrides = [f"--config.{k}={_format_value(v)}"
+                   for k, v in p.overrides.items()]
+      overrides += [a for a in extra_args if a.startswith("--config.")]
+      try:
+        check_config(spec, overrides)
+      except Exception as e:  # pylint: disable=broad-except
+        raise SweepError(f"point {p.name}: the config rejects its overrides: "
+                         f"{type(e).__name__}: {e}") from e
+  if dry_run:
+    for p in points:
+      if p.done:
+        print(f"# {p.name}: already finished", file=sys.stderr)
+      else:
+        print(shlex.join(p.command(spec, train_command, extra_args)))
+    return 0
+  results = {}
+  if not summary_only:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "sweep.json"), "w") as f:
+      json.dump({"experiment": spec, "extra_args": list(extra_args),
+                 "points": [{"name": p.name, "overrides": p.overrides}
+                            for p in points]}, f, indent=1)
+    results = run_points(points, spec, parallel=parallel,
+                         train_command=train_command, extra_args=extra_args,
+                         env=env)
+  summary = summarize(points, metrics)
+  os.makedirs(workdir, exist_ok=True)
+  paths = write_summary(summary, workdir, x=x)
+  print(summary.markdown())
+  for kind, path in paths.items():
+    print(f"[sweep] summary {kind}: {path}")
+  failed = [n for n, rc in results.items() if rc != 0]
+  if failed:
+    print(f"[sweep] {len(failed)} point(s) failed: {failed}", file=sys.stderr)
+    return 1
+  return 0
+
+
+def _check_with_train_config(spec: str, overrides: list[str]):
+  from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  config_lib.load_config(spec, overrides=overrides)
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      prog="sft-jax sweep",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description=(
+          "Run every point of an experiment's sweep as its own training run,\n"
+          "then write a summary table and plot.\n\n"
+          "EXP.py defines get_config(arg=None) and get_sweep(arg=None); each\n"
+          "point of get_sweep() (a dict of config overrides) trains in\n"
+          "DIR/<run-name>/. Finished points (DIR/<run>/sweep_done.json) are\n"
+          "skipped; unfinished ones are re-launched and resume from their\n"
+          "checkpoints. Results: DIR/summary.{md,csv,png}; compare runs with\n"
+          "`tensorboard --logdir DIR` (HParams tab)."),
+      epilog=(
+          "examples:\n"
+          "  sft-jax sweep experiments/tiny_mix.py --workdir runs/tiny_mix\n"
+          "  sft-jax sweep experiments/llama31_8b_lora_mix.py --workdir W "
+          "--dry-run\n"
+          "  sft-jax sweep EXP.py --workdir W -- --config.train.steps=20"))
+  p.add_argument("experiment", metavar="EXP.py[:ARG]",
+                 help="experiment file, optionally with the arg passed to "
+                      "get_config/get_sweep")
+  p.add_argument("--workdir", required=True,
+                 help="sweep directory; each point runs in WORKDIR/<run-name>")
+  p.add_argument("--parallel", type=int, default=1, metavar="N",
+                 help="points to train at once (default 1: in sequence, "
+                      "output on the console; N>1: output only in each run's "
+                      "sweep.log)")
+  p.add_argument("--dry-run", action="store_true",
+                 help="print one train command per unfinished point (for a "
+                      "cluster scheduler) and exit")
+  p.add_argument("--summary-only", action="store_true",
+                 help="run nothing; re-read the runs' metrics and rewrite the "
+                      "summary (e.g. after running the --dry-run commands "
+                      "elsewhere)")
+  p.add_argument("--only", action="append", default=[], metavar="RUN",
+                 help="run only this point (by run name; repeatable)")
+  p.add_argument("--metrics", default=None,
+                 help="comma-separated metrics for the table and plot "
+                      "(default: the experiment's SUMMARY_METRICS, else the "
+                      "train loss and every eval metric)")
+  p.add_argument("--x", default=None,
+                 help="swept key for the plot's x axis (default: the first "
+                      "key that varies)")
+  p.add_argument("--no-check", action="store_true",
+                 help="do not validate every point's overrides against the "
+                      "config before launching")
+  p.add_argument("train_args", nargs="*", metavar="-- TRAIN_ARGS",
+                 help="extra arguments appended to every train command, "
+                      "after `--`")
+  return p
+
+
+def main(argv=None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    return run_sweep(
+        args.experiment, args.workdir, parallel=args.parallel,
+        dry_run=args.dry_run, summary_only=args.summary_only, only=args.only,
+        metrics=args.metrics.split(",") if args.metrics else None, x=args.x,
+        extra_args=args.train_args,
+        check_config=None if args.no_check else _check_with_train_config)
+  except SweepError as e:
+    print(f"sft-jax sweep: error: {e}", file=sys.stderr)
+    return 2
