@@ -1,0 +1,168 @@
+"""Tokenize a source once and keep it on disk, memory-mapped on later runs.
+
+The cache key covers everything that changes the tokens: the source files
+(path, size, mtime) or hub id, the tokenizer, the chat template, the format,
+field names and mask policy. Mixture weights, seed and sequence length are not
+in it, so changing them never re-tokenizes. Records stream through: tokens are
+appended to disk as they come, so a large source never sits in memory.
+
+Layout of one entry: ids.bin (int32), mask.bin (uint8), offsets.npy
+(int64 [N + 1]), where.npy (int64 [N, 2]: file index, line or row), meta.json
+(files, detected format, drop log).
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from sft_jax.data import formats
+from sft_jax.data import render
+from sft_jax.data import sources
+from sft_jax.data.errors import DataError, DropLog, RecordError
+
+_VERSION = 1  # bump when the encoding rules change
+
+
+@dataclasses.dataclass
+class TokenizedSource:
+  """A tokenized source: example i is ids[offsets[i]:offsets[i + 1]]."""
+  name: str
+  ids: np.ndarray  # int32 [total tokens]
+  mask: np.ndarray  # uint8 [total tokens], 1 = supervised (before shifting)
+  offsets: np.ndarray  # int64 [N + 1]
+  where_idx: np.ndarray  # int64 [N, 2]: (file index, line or row)
+  files: list  # [(file name, separator)]; separator ":" line, "#" row
+  fmt: str  # the format records were read as
+  drops: DropLog  # records rejected while tokenizing
+  cache_path: str
+
+  def __len__(self) -> int:
+    return len(self.offsets) - 1
+
+  @property
+  def lengths(self) -> np.ndarray:
+    return np.diff(self.offsets)
+
+  def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+    return np.asarray(self.ids[a:b]), np.asarray(self.mask[a:b])
+
+  def where(self, i: int) -> str:
+    f, n = self.where_idx[i]
+    name, sep = self.files[int(f)]
+    return f"{name}{sep}{int(n)}"
+
+
+def cache_key(src, tok, template: str | None) -> str:
+  fields = {k: src.fields[k] for k in sorted(src.fields.keys())}
+  blob = json.dumps(dict(
+      version=_VERSION, path=src.path, data=sources.fingerprint(src),
+      tokenizer=render.tokenizer_fingerprint(tok), template=template,
+      format=src.format, fields=fields, mask=src.mask,
+      prompt_as_user_turn=src.prompt_as_user_turn,
+      max_records=src.max_records), sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _split_where(where: str) -> tuple[str, str, int]:
+  cut = max(where.rfind(":"), where.rfind("#"))
+  return where[:cut], where[cut], int(where[cut + 1:])
+
+
+def encode_records(src, tok, template, *, strict: bool, drops: DropLog):
+  """Yields (where, ids, mask) per kept record; counts the rest in `drops`.
+
+  Also yields the detected format first, as a string.
+  """
+  fmt = src.format
+  encoder = render.Encoder(tok, template, src.mask, src.prompt_as_user_turn)
+  announced = False
+  for where, record in sources.read_records(src):
+    try:
+      if isinstance(record, RecordError):
+        raise record
+      if fmt == "auto":
+        fmt = formats.detect(record, src.fields)
+      if not announced:
+        announced = True
+        yield fmt
+      ids, mask = encoder.encode(formats.to_example(record, fmt, src.fields))
+    except RecordError as e:
+      if strict:
+        raise DataError(f"{where}: {e.reason}: {e.detail}") from None
+      drops.add(e.reason, where, e.detail)
+      continue
+    yield where, ids, mask
+  if not announced:
+    yield fmt
+
+
+def tokenize_source(name: str, src, tok, template: str | None, *,
+                    cache_dir: str, strict: bool = False) -> TokenizedSource:
+  """Loads a source's tokens from the cache, building the entry if missing."""
+  cache_dir = os.path.expanduser(cache_dir)
+  key = cache_key(src, tok, template)
+  path = os.path.join(cache_dir, f"{name}-{key}")
+  if not os.path.exists(os.path.join(path, "meta.json")):
+    _build(path, src, tok, template, strict=strict)
+  out = _load(name, path)
+  if strict and out.drops.total:
+    reason = next(iter(out.drops.examples))
+    raise DataError(f"{out.drops.examples[reason][0]} ({reason}; "
+                    f"{out.drops.total} bad records in source {name!r})")
+  return out
+
+
+def _build(path, src, tok, template, *, strict):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
+  try:
+    drops = DropLog()
+    offsets, where_idx, files = [0], [], {}
+    stream = encode_records(src, tok, template, strict=strict, drops=drops)
+    fmt = next(stream)
+    with open(os.path.join(tmp, "ids.bin"), "wb") as fi, open(
+        os.path.join(tmp, "mask.bin"), "wb") as fm:
+      for where, ids, mask in stream:
+        fi.write(ids.astype(np.int32).tobytes())
+        fm.write(mask.astype(np.uint8).tobytes())
+        offsets.append(offsets[-1] + len(ids))
+        fname, sep, n = _split_where(where)
+        where_idx.append((files.setdefault((fname, sep), len(files)), n))
+    np.save(os.path.join(tmp, "offsets.npy"), np.asarray(offsets, np.int64))
+    np.save(os.path.join(tmp, "where.npy"),
+            np.asarray(where_idx, np.int64).reshape(-1, 2))
+    meta = dict(format=fmt, files=[list(f) for f in files],
+                drops=drops.to_json(), num_examples=len(offsets) - 1)
+    with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+      json.dump(meta, f)
+    try:
+      os.rename(tmp, path)
+    except OSError:  # another process finished the same entry first
+      shutil.rmtree(tmp, ignore_errors=True)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _mmap(path, dtype):
+  if os.path.getsize(path) == 0:
+    return np.zeros(0, dtype)
+  return np.memmap(path, dtype=dtype, mode="r")
+
+
+def _load(name, path) -> TokenizedSource:
+  with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+    meta = json.load(f)
+  return TokenizedSource(
+      name=name, ids=_mmap(os.path.join(path, "ids.bin"), np.int32),
+      mask=_mmap(os.path.join(path, "mask.bin"), np.uint8),
+      offsets=np.load(os.path.join(path, "offsets.npy")),
+      where_idx=np.load(os.path.join(path, "where.npy")),
+      files=[tuple(f) for f in meta["files"]], fmt=meta["format"],
+      drops=DropLog.from_json(meta["drops"]), cache_path=path)

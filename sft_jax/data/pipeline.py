@@ -1,0 +1,254 @@
+"""The Grain pipeline: cached sources -> shuffled, sharded, mixed, packed batches.
+
+Per source: the indices of usable examples, shuffled by seed with a fresh
+permutation every epoch, repeated forever, then strided by process so each
+host reads only its share. Sources are mixed by weight (a weight is a share of
+the example stream; a small source is oversampled), each example is shifted
+(inputs = ids[:-1], targets = ids[1:], mask = m[1:]) and then packed with
+Grain's first-fit or best-fit packer into rows of exactly `seq_len` tokens
+with at most `max_segments_per_row` examples, or padded one example a row.
+
+Every batch is a dict of numpy arrays [B_local, T]: tokens, targets (int32),
+loss_mask (float32), segment_ids (int32, 0 = padding), positions (int32,
+restarting at 0 per segment), source_id (int32, index into source_names).
+"""
+
+import dataclasses
+import logging
+
+import grain
+import numpy as np
+
+from sft_jax.data import cache
+from sft_jax.data import config as config_lib
+from sft_jax.data import render
+from sft_jax.data.errors import DataError, DropLog
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions",
+              "source_id")
+
+
+def source_names(data_cfg) -> list:
+  """Training source names; a name's index is its `source_id`."""
+  return sorted(data_cfg.sources.keys())
+
+
+def eval_source_names(data_cfg) -> list:
+  """Eval set names; in eval batches `source_id` indexes this list."""
+  return sorted(data_cfg.eval_sources.keys())
+
+
+def fit_length(ids, mask, max_len: int, policy: str, bos_id=None):
+  """Fits an example to `max_len` tokens (before shifting).
+
+  Returns (ids, mask, status), status one of "ok", "truncated", "too_long".
+  "truncate" cuts the prompt from the left and keeps the final reply whole
+  (and a leading BOS); when every token is supervised (raw text, mask "all")
+  it keeps the first `max_len` tokens instead. A reply that alone does not fit
+  is "too_long" under either policy.
+  """
+  n = len(ids)
+  if n <= max_len:
+    return ids, mask, "ok"
+  if policy == "drop":
+    return ids, mask, "too_long"
+  if mask.all():
+    return ids[:max_len], mask[:max_len], "truncated"
+  # Start of the last supervised run: the final reply.
+  sup = np.flatnonzero(mask)
+  breaks = np.flatnonzero(np.diff(sup) > 1)
+  reply_start = int(sup[breaks[-1] + 1] if len(breaks) else sup[0])
+  keep_bos = bos_id is not None and ids[0] == bos_id
+  room = max_len - int(keep_bos)
+  if n - reply_start > room:
+    return ids, mask, "too_long"
+  head = slice(0, 1) if keep_bos else slice(0, 0)
+  return (np.concatenate([ids[head], ids[n - room:]]),
+          np.concatenate([mask[head], mask[n - room:]]), "truncated")
+
+
+@dataclasses.dataclass
+class PreparedSource:
+  """A tokenized source with its examples fitted to one sequence length."""
+  tokenized: cache.TokenizedSource
+  keep: np.ndarray  # int64 indices of usable examples
+  truncated: int  # how many of them are cut to fit
+  drops: DropLog  # tokenize-time drops plus too_long / too_short
+
+
+def prepare_source(name, src, data_cfg, tok, *, seq_len: int) -> PreparedSource:
+  """Tokenizes (or loads from cache) one source and fits it to `seq_len`."""
+  tokenized = cache.tokenize_source(
+      name, src, tok, render.chat_template(data_cfg, tok),
+      cache_dir=data_cfg.cache_dir, strict=data_cfg.strict)
+  drops = DropLog()
+  drops.merge(tokenized.drops)
+  lengths = tokenized.lengths
+  max_len = seq_len + 1  # one token is lost to the shift
+  keep = np.flatnonzero((lengths >= 2) & (lengths <= max_len))
+  truncated = 0
+  for i in np.flatnonzero(lengths < 2):
+    drops.add("too_short", tokenized.where(i), "fewer than 2 tokens")
+  for i in np.flatnonzero(lengths > max_len):
+    ids, mask = tokenized.example(i)
+    _, _, status = fit_length(ids, mask, max_len, data_cfg.too_long,
+                              tok.bos_token_id)
+    if status == "truncated":
+      truncated += 1
+      keep = np.append(keep, i)
+    else:
+      drops.add("too_long", tokenized.where(i),
+                f"{lengths[i]} tokens > {max_len}")
+  if data_cfg.strict and drops.total:
+    reason = next(iter(drops.examples))
+    raise DataError(f"{drops.examples[reason][0]} ({reason})")
+  return PreparedSource(tokenized, np.sort(keep), truncated, drops)
+
+
+def _prepare_all(data_cfg, tok, seq_len, group):
+  config_lib.validate(data_cfg)
+  names = sorted(data_cfg[group].keys())
+  if not names:
+    raise DataError(f"data.{group} is empty: declare at least one source")
+  prepared = [prepare_source(n, data_cfg[group][n], data_cfg, tok,
+                             seq_len=seq_len) for n in names]
+  for n, p in zip(names, prepared):
+    logging.info("data source %r: %d examples (%d truncated); %s", n,
+                 len(p.keep), p.truncated, p.drops.summary().replace("\n", ";"))
+  return names, prepared
+
+
+def _example_loader(p: PreparedSource, source_id, seq_len, policy, bos_id):
+  """Index -> shifted example dict of 1-D arrays."""
+  def load(i):
+    ids, mask = p.tokenized.example(int(i))
+    ids, mask, _ = fit_length(ids, mask, seq_len + 1, policy, bos_id)
+    n = len(ids) - 1
+    return {"tokens": ids[:-1].astype(np.int32),
+            "targets": ids[1:].astype(np.int32),
+            "loss_mask": mask[1:].astype(np.float32),
+            "source_id": np.full(n, source_id, np.int32)}
+  return load
+
+
+def _pad_row(seq_len):
+  def pad(ex):
+    n = len(ex["tokens"])
+    out = {k: np.zeros(seq_len, v.dtype) for k, v in ex.items()}
+    for k, v in ex.items():
+      out[k][:n] = v
+    out["segment_ids"] = np.zeros(seq_len, np.int32)
+    out["segment_ids"][:n] = 1
+    out["positions"] = np.zeros(seq_len, np.int32)
+    out["positions"][:n] = np.arange(n, dtype=np.int32)
+    return out
+  return pad
+
+
+def _rename_packed(row):
+  return {"tokens": row["tokens"], "targets": row["targets"],
+          "loss_mask": row["loss_mask"],
+          "segment_ids": row["tokens_segment_ids"].astype(np.int32),
+          "positions": row["tokens_positions"].astype(np.int32),
+          "source_id": row["source_id"]}
+
+
+def _pack(ds: grain.IterDataset, data_cfg, seq_len, seed, *, shuffle_bins):
+  """Packs shifted examples into rows of exactly seq_len tokens."""
+  if data_cfg.packing == "pad":
+    return ds.map(_pad_row(seq_len))
+  packer = {"first_fit": grain.experimental.FirstFitPackIterDataset,
+            "best_fit": grain.experimental.BestFitPackIterDataset}[
+                data_cfg.packing]
+  ds = packer(ds, length_struct={k: seq_len for k in (
+      "tokens", "targets", "loss_mask", "source_id")},
+              num_packing_bins=data_cfg.packing_bins, seed=seed,
+              shuffle_bins=shuffle_bins,
+              meta_features=("targets", "loss_mask", "source_id"),
+              max_sequences_per_bin=data_cfg.max_segments_per_row or None)
+  return ds.map(_rename_packed)
+
+
+def make_train_pipeline(data_cfg, tok, *, seq_len: int, batch_size: int,
+                        process_index: int = 0, process_count: int = 1,
+                        seed: int = 0) -> grain.IterDataset:
+  """The infinite training stream of this process's batches.
+
+  Args:
+    data_cfg: the `data` config (see config.default_config).
+    tok: the tokenizer (a transformers fast tokenizer).
+    seq_len: T, tokens per row.
+    batch_size: the GLOBAL batch size; each process gets batch_size //
+      process_count rows per batch.
+    process_index, process_count: this host's place among the data readers.
+    seed: shuffling and packing seed.
+
+  Returns:
+    A grain IterDataset; `iter()` of it gives an iterator with get_state /
+    set_state whose batches are dicts of np arrays [batch_size //
+    process_count, seq_len] with keys BATCH_KEYS.
+  """
+  if batch_size % process_count:
+    raise DataError(f"batch_size {batch_size} is not divisible by "
+                    f"process_count {process_count}")
+  names, prepared = _prepare_all(data_cfg, tok, seq_len, "sources")
+  streams, weights = [], []
+  for sid, (name, p) in enumerate(zip(names, prepared)):
+    weight = float(data_cfg.sources[name].weight)
+    if weight == 0:
+      continue
+    if not len(p.keep):
+      raise DataError(f"data source {name!r} has no usable example at "
+                      f"seq_len={seq_len}:\n{p.drops.summary()}")
+    ds = grain.MapDataset.source(p.keep)
+    if data_cfg.shuffle:
+      # A distinct permutation per source and per epoch (Grain reseeds the
+      # shuffle by epoch when indexing past the end).
+      ds = ds.shuffle(seed=(seed * 1_000_003 + sid) % 2**32)
+    ds = ds.repeat(None)[process_index::process_count]
+    ds = ds.map(_example_loader(p, sid, seq_len, data_cfg.too_long,
+                                tok.bos_token_id))
+    streams.append(ds)
+    weights.append(weight)
+  if not streams:
+    raise DataError("every data source has weight 0")
+  mixed = grain.MapDataset.mix(streams, [w / sum(weights) for w in weights])
+  ds = mixed.to_iter_dataset(grain.ReadOptions(
+      num_threads=data_cfg.read_threads, prefetch_buffer_size=256))
+  ds = _pack(ds, data_cfg, seq_len, seed, shuffle_bins=True)
+  return ds.batch(batch_size // process_count, drop_remainder=True)
+
+
+def make_eval_batches(data_cfg, tok, *, seq_len: int, batch_size: int,
+                      process_index: int = 0, process_count: int = 1) -> dict:
+  """Finite, deterministic eval batches: {eval set name: [batch, ...]}.
+
+  Each eval set is read once in file order and packed first-fit (no shuffle).
+  Batches are built for the global `batch_size` (the last one padded with
+  all-padding rows, segment_ids 0) and each process keeps its rows, so every
+  process gets the same number of batches. `source_id` indexes
+  eval_source_names(data_cfg).
+  """
+  if batch_size % process_count:
+    raise DataError(f"batch_size {batch_size} is not divisible by "
+                    f"process_count {process_count}")
+  if not data_cfg.eval_sources:
+    return {}
+  names, prepared = _prepare_all(data_cfg, tok, seq_len, "eval_sources")
+  local = batch_size // process_count
+  rows = slice(process_index * local, (process_index + 1) * local)
+  out = {}
+  for sid, (name, p) in enumerate(zip(names, prepared)):
+    ds = grain.MapDataset.source(p.keep).map(_example_loader(
+        p, sid, seq_len, data_cfg.too_long, tok.bos_token_id))
+    packed = _pack(ds.to_iter_dataset(), data_cfg, seq_len, 0,
+                   shuffle_bins=False)
+    batches = []
+    for b in packed.batch(batch_size, drop_remainder=False):
+      n = len(b["tokens"])
+      if n < batch_size:
+        b = {k: np.concatenate([v, np.zeros((batch_size - n,) + v.shape[1:],
+                                            v.dtype)]) for k, v in b.items()}
+      batches.append({k: v[rows] for k, v in b.items()})
+    out[name] = batches
+  return out
