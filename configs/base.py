@@ -1,0 +1,82 @@
+"""Base config: every key sft_jax reads, each with a one-line comment.
+
+Experiments fork this file (see configs/tiny.py and configs/presets/) and set
+only what differs. Keys are typed: an override must parse as the declared type.
+`arg` is unused here; forks use it for knobs that set several keys at once.
+"""
+
+from ml_collections import config_dict
+
+from sft_jax.data import config as data_config
+
+
+def get_config(arg=None):
+  del arg
+  c = config_dict.ConfigDict()
+  c.seed = 0  # RNG seed: random init, LoRA init, data order.
+
+  c.model = config_dict.ConfigDict()
+  c.model.path = ""  # HF checkpoint dir or hub id; "" = build from hf_config.
+  c.model.init = "pretrained"  # "pretrained" loads model.path; "random" = shape only.
+  c.model.hf_config = ""  # JSON HF config fields, used when model.path is "".
+  c.model.dtype = "bfloat16"  # Compute dtype of activations and matmuls.
+  c.model.param_dtype = "float32"  # Storage dtype of weights and their gradients.
+  c.model.scan_layers = True  # lax.scan over layers (False = unrolled; same params).
+  c.model.remat = "none"  # Layer remat: "none" | "full" | a jax.checkpoint_policies name.
+  c.model.attention = "xla"  # Attention implementation (models.attention impl).
+
+  c.method = config_dict.ConfigDict()
+  c.method.name = "full"  # "full" | "freeze" (train matches only) | "lora".
+  c.method.trainable = ".*"  # freeze: regex over param paths ("layers/mlp/up_proj/kernel").
+  c.method.train_top_layers = 0  # freeze: >0 trains only the top N of the stacked layers.
+  c.method.lora = config_dict.ConfigDict()
+  c.method.lora.rank = 8  # LoRA rank r.
+  c.method.lora.alpha = 16.0  # LoRA scale numerator: scale = alpha / r (or / sqrt(r)).
+  c.method.lora.rslora = False  # rsLoRA scaling alpha / sqrt(r).
+  c.method.lora.targets = (  # Regex of module names that get adapters.
+      r"q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj")
+
+  c.optim = config_dict.ConfigDict()
+  c.optim.name = "adamw"  # "adamw" | "sgd" | "lion" | "adafactor".
+  c.optim.lr = 1e-5  # Peak learning rate.
+  c.optim.schedule = "cosine"  # After warmup: "cosine" | "linear" | "constant".
+  c.optim.warmup_steps = 0  # Linear warmup from 0 to lr over this many steps.
+  c.optim.end_lr_ratio = 0.0  # cosine/linear: final lr = lr * end_lr_ratio.
+  c.optim.b1 = 0.9  # adamw/lion first-moment decay; sgd momentum (0 = none).
+  c.optim.b2 = 0.999  # adamw/lion second-moment decay.
+  c.optim.eps = 1e-8  # adamw denominator epsilon.
+  c.optim.weight_decay = 0.0  # Decoupled weight decay (times lr).
+  c.optim.wd_exclude = r"norm|bias|embed"  # Param-path regex kept out of weight decay.
+  c.optim.clip_norm = 1.0  # Global gradient-norm clipping (0 = off).
+
+  c.train = config_dict.ConfigDict()
+  c.train.steps = 1000  # Optimizer steps (also the schedule's length).
+  c.train.batch_size = 8  # Global sequences (packed rows) per optimizer step.
+  c.train.seq_len = 2048  # Tokens per packed row.
+  c.train.grad_accum = 1  # Micro-batches per step; batch_size % grad_accum == 0.
+  c.train.ce_chunk = 2048  # Tokens per cross-entropy chunk (bounds [chunk, vocab] logits).
+  c.train.z_loss = 0.0  # Weight of z-loss: mean log(Z)^2 over supervised tokens.
+  c.train.on_nonfinite = "stop"  # Non-finite loss/grad: "stop" the run or "skip" the update.
+
+  c.mesh = config_dict.ConfigDict()
+  c.mesh.data = 1  # Data-parallel axis size (-1 = all remaining devices).
+  c.mesh.fsdp = -1  # Fully-sharded data-parallel axis size (-1 = remaining).
+  c.mesh.tensor = 1  # Tensor-parallel axis size (-1 = remaining).
+
+  # Logical axis name -> comma-separated mesh axes ("" = replicated). A mesh
+  # axis that does not divide a dimension is dropped for that array.
+  c.sharding = config_dict.ConfigDict()
+  c.sharding.rules = config_dict.ConfigDict()
+  c.sharding.rules.batch = "data,fsdp"  # Batch rows of inputs and activations.
+  c.sharding.rules.length = ""  # Sequence positions.
+  c.sharding.rules.embed = "fsdp"  # Model width D.
+  c.sharding.rules.vocab = "tensor"  # Vocabulary V.
+  c.sharding.rules.heads = "tensor"  # Query heads.
+  c.sharding.rules.kv_heads = "tensor"  # Key/value heads.
+  c.sharding.rules.head_dim = ""  # Per-head width.
+  c.sharding.rules.mlp = "tensor"  # MLP hidden width.
+  c.sharding.rules.layers = ""  # Stacked layer axis.
+  c.sharding.rules.lora_rank = ""  # LoRA rank r.
+
+  c.data = data_config.default_config()  # Sources, mixing, packing: see sft_jax/data.
+  return c

@@ -1,0 +1,87 @@
+"""Optimizer, learning-rate schedule, clipping and weight-decay mask.
+
+The optimizer is built over the trainable tree only (see step.py), so frozen
+parameters never get optimizer state.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import optax
+from ml_collections import config_dict
+
+from sft_jax.train import partition
+
+
+def schedule(optim_cfg: config_dict.ConfigDict,
+             total_steps: int) -> optax.Schedule:
+  """Linear warmup 0 -> lr, then cosine / linear decay or constant."""
+  lr, warmup = optim_cfg.lr, optim_cfg.warmup_steps
+  end = lr * optim_cfg.end_lr_ratio
+  decay_steps = max(1, total_steps - warmup)
+  if optim_cfg.schedule == "cosine":
+    after = optax.cosine_decay_schedule(lr, decay_steps,
+                                        alpha=optim_cfg.end_lr_ratio)
+  elif optim_cfg.schedule == "linear":
+    after = optax.linear_schedule(lr, end, decay_steps)
+  elif optim_cfg.schedule == "constant":
+    after = optax.constant_schedule(lr)
+  else:
+    raise ValueError(f"optim.schedule: unknown {optim_cfg.schedule!r} "
+                     "(cosine | linear | constant)")
+  if warmup <= 0:
+    return after
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def weight_decay_mask(tree: partition.Tree, exclude: str) -> partition.Tree:
+  """True for leaves that decay: those whose path does not match `exclude`.
+
+  By path, not by rank: with layers stacked, a norm scale is [L, D].
+  """
+  pattern = re.compile(exclude) if exclude else None
+  return partition.map_with_path(
+      lambda p, _: not (pattern and pattern.search(p)), tree)
+
+
+def make_optimizer(optim_cfg: config_dict.ConfigDict, total_steps: int,
+                   wd_mask) -> optax.GradientTransformation:
+  """Global-norm clipping, then the update rule with weight decay.
+
+  Weight decay is decoupled and multiplied by the learning rate, applied only
+  where `wd_mask` (a bool tree like the params, or a function params -> such
+  a tree) is True: by default never norms, biases or embeddings.
+  """
+  lr = schedule(optim_cfg, total_steps)
+  wd = optim_cfg.weight_decay
+  name = optim_cfg.name
+  if name == "adamw":
+    rule = optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                       weight_decay=wd, mask=wd_mask)
+  elif name == "lion":
+    rule = optax.lion(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=wd,
+                      mask=wd_mask)
+  elif name == "sgd":
+    parts = [optax.add_decayed_weights(wd, wd_mask)] if wd else []
+    parts.append(optax.sgd(lr, momentum=optim_cfg.b1 or None))
+    rule = optax.chain(*parts)
+  elif name == "adafactor":
+    rule = optax.adafactor(lr, weight_decay_rate=wd or None,
+                           weight_decay_mask=wd_mask)
+  else:
+    raise ValueError(f"optim.name: unknown {name!r} "
+                     "(adamw | lion | sgd | adafactor)")
+  if optim_cfg.clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(optim_cfg.clip_norm), rule)
+  return rule
+
+
+def tree_norm(tree) -> jax.Array:
+  """Global L2 norm in float32 (0 for an empty tree)."""
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
+                      for x in leaves))

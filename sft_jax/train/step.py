@@ -1,0 +1,436 @@
+"""The model, the train state and the pure train / eval steps.
+
+  mesh = sharding.make_mesh(cfg.mesh)
+  model_cfg, variables = load_or_init_model(cfg, mesh)
+  state, state_shardings = init_train_state(cfg, model_cfg, variables, mesh)
+  train_step = jit_train_step(cfg, model_cfg, mesh, state_shardings)
+  state, metrics = train_step(state, batch)      # batch: dict of [B, T]
+
+`make_train_step` returns the pure `(state, batch) -> (state, metrics)`;
+`jit_train_step` jits it once with explicit shardings and donates the state.
+
+Loss normalisation: the masked next-token cross-entropy is summed over every
+micro-batch and every data-parallel shard of the global batch and divided once
+by the number of supervised tokens in the whole global batch, so gradient
+accumulation and the mesh shape change nothing but rounding.
+"""
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_dict
+
+from sft_jax import models
+from sft_jax.train import loss as loss_lib
+from sft_jax.train import optim
+from sft_jax.train import partition
+from sft_jax.train import sharding
+
+Batch = dict[str, jax.Array]
+METHODS = ("full", "freeze", "lora")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes.
+
+  trainable / frozen are disjoint parts of the model variables, each a dict
+  of collections ({"params": ...} and/or {"lora": ...}); merging them gives
+  the variables for `model.apply`. Only `trainable` is differentiated and
+  only it has optimizer state.
+  """
+  step: jax.Array  # int32 scalar: optimizer updates done.
+  trainable: dict
+  frozen: dict
+  opt_state: Any
+
+
+def variables_of(state: TrainState) -> dict:
+  """The model variables {"params": ..., ["lora": ...]} of a state."""
+  return partition.merge(state.trainable, state.frozen)
+
+
+# --- model -----------------------------------------------------------------
+
+def _read_hf_config(path: str) -> dict:
+  if os.path.isdir(path):
+    with open(os.path.join(path, "config.json")) as f:
+      return json.load(f)
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  with open(huggingface_hub.hf_hub_download(path, "config.json")) as f:
+    return json.load(f)
+
+
+def model_config(cfg: config_dict.ConfigDict) -> "models.ModelConfig":
+  """The ModelConfig of `cfg.model` with its runtime options and LoRA."""
+  if cfg.model.path:
+    hf = _read_hf_config(cfg.model.path)
+  elif cfg.model.hf_config:
+    hf = json.loads(cfg.model.hf_config)
+  else:
+    raise ValueError("config: set model.path (HF dir or hub id) or "
+                     "model.hf_config (JSON of HF config fields)")
+  if cfg.method.name not in METHODS:
+    raise ValueError(f"config method.name: unknown {cfg.method.name!r} "
+                     f"({' | '.join(METHODS)})")
+  lora = None
+  if cfg.method.name == "lora":
+    lora = models.LoraConfig(rank=cfg.method.lora.rank,
+                             alpha=cfg.method.lora.alpha,
+                             rslora=cfg.method.lora.rslora,
+                             targets=cfg.method.lora.targets)
+  return dataclasses.replace(
+      models.ModelConfig.from_hf_config(hf), dtype=cfg.model.dtype,
+      param_dtype=cfg.model.param_dtype, scan_layers=cfg.model.scan_layers,
+      remat=cfg.model.remat, attention_impl=cfg.model.attention, lora=lora)
+
+
+def variable_shardings(cfg: config_dict.ConfigDict,
+                       model_cfg: "models.ModelConfig",
+                       mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """(shapes, shardings) of the model variables, without allocating them."""
+  shapes = jax.eval_shape(lambda rng: models.init(model_cfg, rng),
+                          jax.random.key(0))
+  rules = sharding.rules_from_config(cfg.sharding.rules)
+  axes = models.logical_axes(model_cfg)
+  return shapes, sharding.tree_shardings(axes, shapes, mesh, rules)
+
+
+def load_or_init_model(cfg: config_dict.ConfigDict, mesh: jax.sharding.Mesh
+                       ) -> tuple["models.ModelConfig", dict]:
+  """(model_cfg, variables) with every array created directly in its shards.
+
+  `model.init == "pretrained"` loads `model.path` (safetensors) straight into
+  the shardings; "random" (or no path) initialises from `cfg.seed` under jit
+  with `out_shardings`. LoRA adapters are initialised the same way (B = 0, so
+  the model starts equal to the base).
+  """
+  model_cfg = model_config(cfg)
+  _, shardings = variable_shardings(cfg, model_cfg, mesh)
+  rng = jax.random.key(cfg.seed)
+  if cfg.model.init == "random" or not cfg.model.path:
+    init = jax.jit(lambda r: models.init(model_cfg, r), out_shardings=shardings)
+    return model_cfg, init(rng)
+  if cfg.model.init != "pretrained":
+    raise ValueError(f"config model.init: unknown {cfg.model.init!r} "
+                     "(pretrained | random)")
+  _, params = models.load_hf(cfg.model.path, dtype=cfg.model.param_dtype,
+                             shardings=shardings["params"])
+  variables = {"params": params}
+  if "lora" in shardings:
+    # Only the "lora" output is kept, so XLA drops the base-weight init.
+    init = jax.jit(lambda r: models.init(model_cfg, r)["lora"],
+                   out_shardings=shardings["lora"])
+    variables["lora"] = init(rng)
+  return model_cfg, variables
+
+
+# --- trainable / frozen ----------------------------------------------------
+
+def split_trainable(cfg: config_dict.ConfigDict, variables: dict
+                    ) -> tuple[dict, dict]:
+  """(trainable, frozen) parts of `variables` by `cfg.method`."""
+  name = cfg.method.name
+  params = {"params": variables["params"]}
+  if name == "full":
+    return params, {k: v for k, v in variables.items() if k != "params"}
+  if name == "lora":
+    if "lora" not in variables:
+      raise ValueError("method lora: the variables have no 'lora' collection")
+    return {"lora": variables["lora"]}, params
+  if name == "freeze":
+    hit, rest = partition.split(variables["params"], cfg.method.trainable)
+    if not hit:
+      raise ValueError(f"config method.trainable={cfg.method.trainable!r} "
+                       "matches no parameter; paths look like "
+                       f"{sorted(partition.flat(variables['params']))[:3]}")
+    return {"params": hit}, {"params": rest}
+  raise ValueError(f"config method.name: unknown {name!r} "
+                   f"({' | '.join(METHODS)})")
+
+
+def layer_masks(cfg: config_dict.ConfigDict, model_cfg: "models.ModelConfig",
+                trainable: dict) -> dict | None:
+  """freeze with train_top_layers=N: {path: [L] 0/1 mask} for stacked leaves.
+
+  Layers are stacked along a leading axis, so "the top N layers" is a slice
+  of each stacked leaf, not a set of leaves. Chosen approach: such a leaf is
+  trainable as a whole (its optimizer state covers all L layers), and both its
+  gradient and its update are multiplied by a 0/1 mask over the layer axis,
+  so the bottom layers never move (not even by weight decay). Returns None
+  when no layer mask applies.
+  """
+  top = cfg.method.train_top_layers
+  if cfg.method.name != "freeze" or top <= 0:
+    return None
+  axes = partition.flat(models.logical_axes(model_cfg))
+  masks = {}
+  for path, x in partition.flat(trainable).items():
+    leaf_axes = axes[path]
+    if leaf_axes and leaf_axes[0] == "layers":
+      num_layers = x.shape[0]
+      if top > num_layers:
+        raise ValueError(f"config method.train_top_layers={top} > "
+                         f"{num_layers} layers")
+      masks[path] = np.arange(num_layers) >= num_layers - top
+  return masks or None
+
+
+def _apply_layer_masks(tree: dict, masks: dict | None) -> dict:
+  if not masks:
+    return tree
+  def fn(path, x):
+    if path not in masks:
+      return x
+    m = jnp.asarray(masks[path], x.dtype)
+    return x * m.reshape((-1,) + (1,) * (x.ndim - 1))
+  return partition.map_with_path(fn, tree)
+
+
+def _wd_mask_fn(exclude: str) -> Callable[[dict], dict]:
+  # Paths are matched inside their collection ("layers/...", not
+  # "params/layers/..."), like method.trainable.
+  def fn(trainable):
+    return {coll: optim.weight_decay_mask(tree, exclude)
+            for coll, tree in trainable.items()}
+  return fn
+
+
+def make_optimizer(cfg: config_dict.ConfigDict) -> optax.GradientTransformation:
+  return optim.make_optimizer(cfg.optim, cfg.train.steps,
+                              _wd_mask_fn(cfg.optim.wd_exclude))
+
+
+def init_train_state(cfg: config_dict.ConfigDict,
+                     model_cfg: "models.ModelConfig", variables: dict,
+                     mesh: jax.sharding.Mesh) -> tuple[TrainState, TrainState]:
+  """(state, state_shardings): optimizer state only for the trainable part.
+
+  Optimizer state leaves shaped like a parameter take that parameter's
+  sharding; the rest (counts, factored statistics) are replicated.
+  """
+  del model_cfg
+  trainable, frozen = split_trainable(cfg, variables)
+  tx = make_optimizer(cfg)
+  param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+  opt_shapes = jax.eval_shape(tx.init, trainable)
+  repl = sharding.replicated(mesh)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda s, ps, p: ps if s.shape == p.shape else repl,
+      opt_shapes, param_shardings, trainable,
+      transform_non_params=lambda _: repl,
+      is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), repl),
+                     trainable=trainable, frozen=frozen, opt_state=opt_state)
+  shardings = TrainState(step=repl, trainable=param_shardings,
+                         frozen=jax.tree.map(lambda x: x.sharding, frozen),
+                         opt_state=opt_shardings)
+  return state, shardings
+
+
+def param_report(cfg: config_dict.ConfigDict, model_cfg: "models.ModelConfig",
+                 state: TrainState) -> dict[str, int]:
+  """Counts for the start-of-run report: params and optimizer-state bytes.
+
+  trainable_params counts only what can change (the top-N slice of stacked
+  leaves under train_top_layers).
+  """
+  masks = layer_masks(cfg, model_cfg, state.trainable) or {}
+  trainable = 0
+  for path, x in partition.flat(state.trainable).items():
+    frac = float(np.mean(masks[path])) if path in masks else 1.0
+    trainable += int(round(x.size * frac))
+  size = lambda t: sum(x.size for x in jax.tree.leaves(t))
+  nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
+  return {
+      "trainable_params": trainable,
+      "total_params": size(state.trainable) + size(state.frozen),
+      "trainable_bytes": nbytes(state.trainable),
+      "frozen_bytes": nbytes(state.frozen),
+      "opt_state_bytes": nbytes(state.opt_state),
+  }
+
+
+# --- steps -----------------------------------------------------------------
+
+def _num_sources(cfg: config_dict.ConfigDict) -> int:
+  return max(1, len(cfg.data.sources))
+
+
+def _forward_sums(model_cfg, variables, batch, chunk, num_sources, z_loss):
+  """Un-normalised loss sums of a [B, T] batch (see loss.masked_sums)."""
+  model = models.Transformer(model_cfg)
+  hidden_BxTxD = model.apply(variables, batch["tokens"], batch["positions"],
+                             batch["segment_ids"], return_hidden=True)
+  w_DxV = models.unembedding(variables["params"], model_cfg)
+  logits_fn = lambda h, w: models.logits_from_hidden(h, w, model_cfg)
+  losses = loss_lib.token_losses(hidden_BxTxD, w_DxV, batch["targets"],
+                                 logits_fn, chunk)
+  source_id = batch.get("source_id")
+  if source_id is None:
+    source_id = jnp.zeros_like(batch["targets"])
+  return loss_lib.masked_sums(losses, batch["loss_mask"], source_id,
+                              num_sources, z_loss)
+
+
+def _micro_batches(batch: Batch, k: int, mesh) -> Batch:
+  """[B, T] -> [k, B/k, T], micro-batch i = rows i, i+k, i+2k, ...
+
+  Strided, not contiguous: each device's rows split evenly across the
+  micro-batches, so no rows move between devices.
+  """
+  def fn(x):
+    b = x.shape[0]
+    if b % k:
+      raise ValueError(f"batch of {b} rows does not split into "
+                       f"train.grad_accum={k} micro-batches")
+    x = x.reshape((b // k, k) + x.shape[1:]).swapaxes(0, 1)
+    if mesh is not None:
+      x = jax.lax.with_sharding_constraint(
+          x, NamedSharding(mesh, P(None, sharding.BATCH_AXES)))
+    return x
+  return jax.tree.map(fn, batch)
+
+
+def make_train_step(cfg: config_dict.ConfigDict,
+                    model_cfg: "models.ModelConfig",
+                    mesh: jax.sharding.Mesh | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """The pure train step `(state, batch) -> (state, metrics)`.
+
+  batch: dict of [B, T] arrays, the GLOBAL batch (B = train.batch_size rows):
+  tokens, targets, positions, segment_ids (int32), loss_mask (float32) and
+  optionally source_id (int32). With train.grad_accum = k the rows are split
+  into k strided micro-batches inside the step. `mesh`, if given, only adds
+  sharding constraints to the micro-batches.
+
+  metrics (all on device, float32 unless noted):
+    loss             cross-entropy + z-loss, per supervised token
+    ce_loss          cross-entropy per supervised token
+    z_loss           z-loss per supervised token
+    token_accuracy   argmax == target over supervised tokens
+    num_supervised_tokens, num_tokens (non-padding)
+    source_loss_sum, source_count   [S] per-source CE sums and token counts
+    grad_norm        global norm before clipping
+    update_norm, param_norm (of the trainable part after the update), lr
+    finite           1.0 if loss and grad norm are finite
+    skipped          1.0 if the update was skipped (train.on_nonfinite=skip)
+  """
+  tx = make_optimizer(cfg)
+  lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
+  k, chunk = cfg.train.grad_accum, cfg.train.ce_chunk
+  num_sources, z_loss = _num_sources(cfg), cfg.train.z_loss
+  skip_nonfinite = cfg.train.on_nonfinite == "skip"
+  if cfg.train.on_nonfinite not in ("stop", "skip"):
+    raise ValueError(f"config train.on_nonfinite: unknown "
+                     f"{cfg.train.on_nonfinite!r} (stop | skip)")
+
+  def micro_loss(trainable, frozen, mb, denom):
+    variables = partition.merge(trainable, frozen)
+    sums = _forward_sums(model_cfg, variables, mb, chunk, num_sources, z_loss)
+    return (sums["nll_sum"] + sums["z_sum"]) / denom, sums
+
+  grad_fn = jax.grad(micro_loss, has_aux=True)
+
+  def train_step(state: TrainState, batch: Batch):
+    masks = layer_masks(cfg, model_cfg, state.trainable)
+    denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    if k == 1:
+      grads, sums = grad_fn(state.trainable, state.frozen, batch, denom)
+      grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    else:
+      def body(acc, mb):
+        g, s = grad_fn(state.trainable, state.frozen, mb, denom)
+        return jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc,
+                            (g, s)), None
+      zeros = jax.eval_shape(
+          grad_fn, state.trainable, state.frozen,
+          jax.tree.map(lambda x: x[: x.shape[0] // k], batch), denom)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), zeros)
+      (grads, sums), _ = jax.lax.scan(body, zeros,
+                                      _micro_batches(batch, k, mesh))
+    grads = _apply_layer_masks(grads, masks)
+    grad_norm = optim.tree_norm(grads)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads,
+                         state.trainable)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    updates = _apply_layer_masks(updates, masks)
+    trainable = optax.apply_updates(state.trainable, updates)
+
+    loss = (sums["nll_sum"] + sums["z_sum"]) / denom
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = state.replace(step=state.step + 1, trainable=trainable,
+                              opt_state=opt_state)
+    if skip_nonfinite:
+      keep = lambda new, old: jax.tree.map(
+          lambda a, b: jnp.where(finite, a, b), new, old)
+      new_state = new_state.replace(
+          trainable=keep(trainable, state.trainable),
+          opt_state=keep(opt_state, state.opt_state))
+    metrics = {
+        "loss": loss,
+        "ce_loss": sums["nll_sum"] / denom,
+        "z_loss": sums["z_sum"] / denom,
+        "token_accuracy": sums["correct_sum"] / denom,
+        "num_supervised_tokens": sums["count"],
+        "num_tokens": jnp.sum((batch["segment_ids"] != 0).astype(jnp.float32)),
+        "source_loss_sum": sums["source_nll_sum"],
+        "source_count": sums["source_count"],
+        "grad_norm": grad_norm,
+        "update_norm": optim.tree_norm(updates),
+        "param_norm": optim.tree_norm(new_state.trainable),
+        "lr": jnp.asarray(lr_schedule(state.step), jnp.float32),
+        "finite": finite.astype(jnp.float32),
+        "skipped": ((~finite) & skip_nonfinite).astype(jnp.float32),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(cfg: config_dict.ConfigDict,
+                   model_cfg: "models.ModelConfig"
+                   ) -> Callable[[TrainState, Batch], dict]:
+  """`(state, batch) -> sums` over a [B, T] batch, for the caller to reduce.
+
+  sums: nll_sum, correct_sum, count (float32 scalars over supervised tokens)
+  and [S] source_nll_sum, source_correct_sum, source_count. Loss = nll_sum /
+  count, accuracy = correct_sum / count, perplexity = exp(loss).
+  """
+  chunk, num_sources = cfg.train.ce_chunk, _num_sources(cfg)
+
+  def eval_step(state: TrainState, batch: Batch) -> dict:
+    sums = _forward_sums(model_cfg, variables_of(state), batch, chunk,
+                         num_sources, 0.0)
+    del sums["z_sum"]
+    return sums
+
+  return eval_step
+
+
+def jit_train_step(cfg: config_dict.ConfigDict, model_cfg: "models.ModelConfig",
+                   mesh: jax.sharding.Mesh, state_shardings: TrainState):
+  """`make_train_step` jitted once: explicit shardings, state donated."""
+  batch_shard = sharding.batch_sharding(mesh)
+  return jax.jit(make_train_step(cfg, model_cfg, mesh),
+                 in_shardings=(state_shardings, batch_shard),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)),
+                 donate_argnums=0)
+
+
+def jit_eval_step(cfg: config_dict.ConfigDict, model_cfg: "models.ModelConfig",
+                  mesh: jax.sharding.Mesh, state_shardings: TrainState):
+  """`make_eval_step` jitted once with explicit shardings (no donation)."""
+  return jax.jit(make_eval_step(cfg, model_cfg),
+                 in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
