@@ -229,7 +229,10 @@ def _finish(run: _Running, config_spec: str, cmd: list[str]) -> int:
               "config": config_spec, "command": cmd,
               "seconds": round(seconds, 1),
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    tmp = os.path.join(run.point.workdir, DONE_MARKER + ".tmp")
+    # Unique per writer: on a pod every host's runner writes the same marker
+    # into the shared run directory.
+    tmp = os.path.join(run.point.workdir,
+                       f"{DONE_MARKER}.{os.uname().nodename}.{os.getpid()}")
     with open(tmp, "w") as f:
       json.dump(marker, f, indent=1)
     os.replace(tmp, os.path.join(run.point.workdir, DONE_MARKER))
@@ -345,7 +348,7 @@ def metric_stats(records: Iterable[Mapping[str, Any]]
   for record in records:
     step = record.get("step")
     for key, value in record.items():
-      if key == "step" or isinstance(value, bool) or not isinstance(
+      if key in ("step", "time") or isinstance(value, bool) or not isinstance(
           value, (int, float)):
         continue
       value = float(value)
@@ -364,7 +367,8 @@ def default_metrics(all_stats: Iterable[Mapping[str, MetricStats]]
                     ) -> list[str]:
   """Train loss and every eval metric seen in any run."""
   names = dict.fromkeys(k for s in all_stats for k in s)
-  chosen = [k for k in names if k == "loss" or k.startswith("eval")]
+  chosen = [k for k in names
+            if k in ("loss", "train/loss") or k.startswith("eval")]
   return chosen or list(names)
 
 
@@ -521,7 +525,9 @@ def write_summary(summary: Summary, workdir: str, *, x: str | None = None
 
 def run_sweep(spec: str, workdir: str, *, parallel: int = 1,
               dry_run: bool = False, summary_only: bool = False,
-              only: Sequence[str] = (), metrics: Sequence[str] | None = None,
+              list_points: bool = False,
+              only: Sequence[str] = (), index: int | None = None,
+              metrics: Sequence[str] | None = None,
               x: str | None = None, extra_args: Sequence[str] = (),
               train_command: Sequence[str] = TRAIN_COMMAND,
               check_config: Callable[[str, list[str]], Any] | None = None,
@@ -533,13 +539,22 @@ def run_sweep(spec: str, workdir: str, *, parallel: int = 1,
     before anything runs, so a misspelt key fails the sweep up front.
   """
   module = load_experiment(spec)
-  points = sweep_points(spec, workdir, module)
+  points = all_points = sweep_points(spec, workdir, module)
+  if list_points:
+    for i, p in enumerate(points):
+      print(f"{i}\t{p.name}\t{json.dumps(p.overrides)}")
+    return 0
   if only:
     unknown = sorted(set(only) - {p.name for p in points})
     if unknown:
       raise SweepError(f"--only: no such points {unknown}; points are "
                        f"{[p.name for p in points]}")
     points = [p for p in points if p.name in only]
+  if index is not None:
+    if not 0 <= index < len(points):
+      raise SweepError(f"--index {index}: the sweep has {len(points)} points "
+                       f"(0..{len(points) - 1})")
+    points = [points[index]]
   if metrics is None:
     metrics = getattr(module, "SUMMARY_METRICS", None)
   if check_config is not None:
@@ -565,11 +580,12 @@ def run_sweep(spec: str, workdir: str, *, parallel: int = 1,
     with open(os.path.join(workdir, "sweep.json"), "w") as f:
       json.dump({"experiment": spec, "extra_args": list(extra_args),
                  "points": [{"name": p.name, "overrides": p.overrides}
-                            for p in points]}, f, indent=1)
+                            for p in all_points]}, f, indent=1)
     results = run_points(points, spec, parallel=parallel,
                          train_command=train_command, extra_args=extra_args,
                          env=env)
-  summary = summarize(points, metrics)
+  # The summary covers the whole sweep, also when only some points ran here.
+  summary = summarize(all_points, metrics)
   os.makedirs(workdir, exist_ok=True)
   paths = write_summary(summary, workdir, x=x)
   print(summary.markdown())
@@ -624,6 +640,11 @@ def _parser() -> argparse.ArgumentParser:
                       "elsewhere)")
   p.add_argument("--only", action="append", default=[], metavar="RUN",
                  help="run only this point (by run name; repeatable)")
+  p.add_argument("--index", type=int, default=None, metavar="I",
+                 help="run only the I-th point (0-based; e.g. a SLURM array "
+                      "task's $SLURM_ARRAY_TASK_ID)")
+  p.add_argument("--list", action="store_true",
+                 help="print the points (index, run name, overrides) and exit")
   p.add_argument("--metrics", default=None,
                  help="comma-separated metrics for the table and plot "
                       "(default: the experiment's SUMMARY_METRICS, else the "
@@ -646,6 +667,7 @@ def main(argv=None) -> int:
     return run_sweep(
         args.experiment, args.workdir, parallel=args.parallel,
         dry_run=args.dry_run, summary_only=args.summary_only, only=args.only,
+        index=args.index, list_points=args.list,
         metrics=args.metrics.split(",") if args.metrics else None, x=args.x,
         extra_args=args.train_args,
         check_config=None if args.no_check else _check_with_train_config)
