@@ -112,9 +112,7 @@ def tokenize_source(name: str, src, tok, template: str | None, *,
     _build(path, src, tok, template, strict=strict)
   out = _load(name, path)
   if strict and out.drops.total:
-    reason = next(iter(out.drops.examples))
-    raise DataError(f"{out.drops.examples[reason][0]} ({reason}; "
-                    f"{out.drops.total} bad records in source {name!r})")
+    raise out.drops.first_error(f"source {name!r}")
   return out
 
 

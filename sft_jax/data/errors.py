@@ -41,6 +41,13 @@ class DropLog:
     if len(self.examples[reason]) < self.keep:
       self.examples[reason].append(f"{where}: {detail}" if detail else where)
 
+  def first_error(self, context: str = "") -> DataError:
+    """The error strict mode raises: the first stored place, and the totals."""
+    reason = next(iter(self.examples))
+    where, _, detail = self.examples[reason][0].partition(": ")
+    return DataError(f"{where}: {reason}: {detail} ({self.total} bad records"
+                     f"{' in ' + context if context else ''})")
+
   def merge(self, other: "DropLog") -> None:
     for reason, n in other.counts.items():
       self.counts[reason] += n

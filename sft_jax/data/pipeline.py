@@ -100,8 +100,7 @@ def prepare_source(name, src, data_cfg, tok, *, seq_len: int) -> PreparedSource:
       drops.add("too_long", tokenized.where(i),
                 f"{lengths[i]} tokens > {max_len}")
   if data_cfg.strict and drops.total:
-    reason = next(iter(drops.examples))
-    raise DataError(f"{drops.examples[reason][0]} ({reason})")
+    raise drops.first_error(f"source {name!r}")
   return PreparedSource(tokenized, np.sort(keep), truncated, drops)
 
 
