@@ -1,0 +1,360 @@
+"""One functional decoder for every supported family (see config.py).
+
+Params (a plain nested dict; layers stacked on a leading L axis):
+  embedder/embedding [V, D]
+  layers/input_norm/scale [L, D]        layers/pre_mlp_norm/scale [L, D]
+  layers/post_attn_norm/scale [L, D]    layers/post_mlp_norm/scale [L, D]
+                                        (the last two with cfg.post_norms)
+  layers/attn/{q,k,v}_proj/kernel [L, D, H*K or N*K] (+ bias [L, H*K or N*K])
+  layers/attn/o_proj/kernel [L, H*K, D] (+ bias [L, D])
+  layers/attn/{q,k}_norm/scale [L, K]   (with cfg.qk_norm)
+  layers/mlp/{gate,up}_proj/kernel [L, D, F]; layers/mlp/down_proj/kernel
+    [L, F, D] (+ biases with cfg.mlp_bias)
+  final_norm/scale [D]
+  lm_head/kernel [D, V]                 (unless cfg.tie_embeddings)
+Kernels are [in, out]. LoRA lives in the "lora" collection at the same
+module paths: a [L, in, R], b [L, R, out].
+
+Per-layer differences (sliding window, rotary frequencies) are scanned
+inputs, so the layer stack stays homogeneous under nn.scan.
+"""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sft_jax.models import attention as attention_lib
+from sft_jax.models.config import ModelConfig
+
+_KERNEL_INIT = nn.initializers.normal(0.02)
+# PEFT's default for A (kaiming uniform, a=sqrt(5)): U(+-1/sqrt(in)).
+_LORA_A_INIT = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def lora_targeted(cfg: ModelConfig, module_path: str) -> bool:
+  """Whether the module at "/"-joined `module_path` carries LoRA."""
+  return cfg.lora is not None and bool(re.search(cfg.lora.targets,
+                                                 module_path))
+
+
+class _Dense(nn.Module):
+  """x @ kernel [+ bias] [+ scale * (x @ a) @ b]."""
+  cfg: ModelConfig
+  features: int
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxTxI):
+    cfg = self.cfg
+    dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    in_features = x_BxTxI.shape[-1]
+    kernel_IxO = self.param("kernel", _KERNEL_INIT,
+                            (in_features, self.features), pdtype)
+    y_BxTxO = jnp.einsum("bti,io->bto", x_BxTxI, kernel_IxO.astype(dtype))
+    if self.use_bias:
+      bias = self.param("bias", nn.initializers.zeros, (self.features,),
+                        pdtype)
+      y_BxTxO = y_BxTxO + bias.astype(dtype)[None, None, :]
+    if lora_targeted(cfg, "/".join(self.scope.path)):
+      if not (self.is_initializing() or self.has_variable("lora", "a")):
+        raise ValueError(
+            f"cfg.lora targets {'/'.join(self.scope.path)} but no 'lora' "
+            "variables were passed to apply (pass {'params': p, 'lora': l}, "
+            "or set cfg.lora=None for merged or base params)")
+      rank = cfg.lora.rank
+      a_IxR = self.variable(
+          "lora", "a", lambda: _LORA_A_INIT(self.make_rng("params"),
+                                            (in_features, rank), pdtype)).value
+      b_RxO = self.variable(
+          "lora", "b", lambda: jnp.zeros((rank, self.features), pdtype)).value
+      delta = jnp.einsum("bti,ir->btr", x_BxTxI, a_IxR.astype(dtype))
+      delta = jnp.einsum("btr,ro->bto", delta, b_RxO.astype(dtype))
+      y_BxTxO = y_BxTxO + (delta * cfg.lora.scale).astype(dtype)
+    return y_BxTxO
+
+
+class _RMSNorm(nn.Module):
+  """RMSNorm over the last axis in float32; gemma scales by (1 + w)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    init = nn.initializers.zeros if cfg.norm_plus_one else nn.initializers.ones
+    scale = self.param("scale", init, (x.shape[-1],),
+                       jnp.dtype(cfg.param_dtype))
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(
+        jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+    scale = scale.reshape((1,) * (x.ndim - 1) + scale.shape)
+    if cfg.norm_plus_one:
+      return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+    # Llama-style: back to the input dtype before the weight, as HF does.
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _rope(x_BxTxHxK, positions_BxT, inv_freq_K2):
+  """Rotary embedding, rotate-half layout, angles in float32."""
+  angles_BxTxK2 = (positions_BxT[:, :, None].astype(jnp.float32)
+                   * inv_freq_K2[None, None, :])
+  angles_BxTxK = jnp.concatenate([angles_BxTxK2, angles_BxTxK2], axis=-1)
+  cos = jnp.cos(angles_BxTxK)[:, :, None, :].astype(x_BxTxHxK.dtype)
+  sin = jnp.sin(angles_BxTxK)[:, :, None, :].astype(x_BxTxHxK.dtype)
+  x1, x2 = jnp.split(x_BxTxHxK, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return x_BxTxHxK * cos + rotated * sin
+
+
+class _Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, layer, positions_BxT, segment_ids_BxT,
+               kv_positions_BxS, kv_segment_ids_BxS, cache_index, kv_cache):
+    cfg = self.cfg
+    b, t, _ = x_BxTxD.shape
+    h, n, k = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = _Dense(cfg, h * k, cfg.qkv_bias, name="q_proj")(x_BxTxD)
+    kk = _Dense(cfg, n * k, cfg.qkv_bias, name="k_proj")(x_BxTxD)
+    v = _Dense(cfg, n * k, cfg.qkv_bias, name="v_proj")(x_BxTxD)
+    q_BxTxHxK = q.reshape(b, t, h, k)
+    k_BxTxNxK = kk.reshape(b, t, n, k)
+    v_BxTxNxK = v.reshape(b, t, n, k)
+    if cfg.qk_norm:
+      q_BxTxHxK = _RMSNorm(cfg, name="q_norm")(q_BxTxHxK)
+      k_BxTxNxK = _RMSNorm(cfg, name="k_norm")(k_BxTxNxK)
+    q_BxTxHxK = _rope(q_BxTxHxK, positions_BxT, layer["inv_freq"])
+    k_BxTxNxK = _rope(k_BxTxNxK, positions_BxT, layer["inv_freq"])
+    if kv_cache is None:
+      new_cache = None
+      k_all, v_all = k_BxTxNxK, v_BxTxNxK
+    else:
+      k_cache, v_cache = kv_cache
+      start = (0, cache_index, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(
+          k_cache, k_BxTxNxK.astype(k_cache.dtype), start)
+      v_all = jax.lax.dynamic_update_slice(
+          v_cache, v_BxTxNxK.astype(v_cache.dtype), start)
+      new_cache = (k_all, v_all)
+    out_BxTxHxK = attention_lib.attention(
+        q_BxTxHxK, k_all.astype(q_BxTxHxK.dtype),
+        v_all.astype(q_BxTxHxK.dtype), positions_BxT, segment_ids_BxT,
+        kv_positions_BxS, kv_segment_ids_BxS, window=layer["window"],
+        softcap=cfg.attn_softcap, scale=cfg.scale, impl=cfg.attention_impl)
+    out = _Dense(cfg, cfg.hidden_size, cfg.o_bias, name="o_proj")(
+        out_BxTxHxK.reshape(b, t, h * k))
+    return out, new_cache
+
+
+class _Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.cfg
+    f = cfg.intermediate_size
+    gate = _Dense(cfg, f, cfg.mlp_bias, name="gate_proj")(x_BxTxD)
+    up = _Dense(cfg, f, cfg.mlp_bias, name="up_proj")(x_BxTxD)
+    if cfg.activation == "silu":
+      gate = jax.nn.silu(gate)
+    else:
+      gate = jax.nn.gelu(gate, approximate=cfg.activation == "gelu_tanh")
+    return _Dense(cfg, cfg.hidden_size, cfg.mlp_bias, name="down_proj")(
+        gate * up)
+
+
+class _Block(nn.Module):
+  """One decoder layer; the residual stream stays in the compute dtype."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, layer, positions_BxT, segment_ids_BxT,
+               kv_positions_BxS, kv_segment_ids_BxS, cache_index, kv_cache):
+    cfg = self.cfg
+    h = _RMSNorm(cfg, name="input_norm")(x_BxTxD)
+    h, new_cache = _Attention(cfg, name="attn")(
+        h, layer, positions_BxT, segment_ids_BxT, kv_positions_BxS,
+        kv_segment_ids_BxS, cache_index, kv_cache)
+    if cfg.post_norms:
+      h = _RMSNorm(cfg, name="post_attn_norm")(h)
+    x_BxTxD = x_BxTxD + h
+    h = _RMSNorm(cfg, name="pre_mlp_norm")(x_BxTxD)
+    h = _Mlp(cfg, name="mlp")(h)
+    if cfg.post_norms:
+      h = _RMSNorm(cfg, name="post_mlp_norm")(h)
+    return x_BxTxD + h, new_cache
+
+
+class _Embed(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embedding = self.param(
+        "embedding", _KERNEL_INIT, (cfg.vocab_size, cfg.hidden_size),
+        jnp.dtype(cfg.param_dtype))
+
+  def __call__(self, tokens_BxT):
+    dtype = jnp.dtype(self.cfg.dtype)
+    x_BxTxD = jnp.take(self.embedding, tokens_BxT, axis=0).astype(dtype)
+    if self.cfg.embed_scale:
+      # Rounded to the compute dtype first, as transformers does.
+      x_BxTxD = x_BxTxD * jnp.asarray(self.cfg.hidden_size ** 0.5, dtype)
+    return x_BxTxD
+
+
+class _LmHead(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.kernel = self.param("kernel", _KERNEL_INIT,
+                             (cfg.hidden_size, cfg.vocab_size),
+                             jnp.dtype(cfg.param_dtype))
+
+  def __call__(self):
+    return self.kernel
+
+
+def _remat_policy(name: str):
+  if name == "full":
+    return None
+  policy = getattr(jax.checkpoint_policies, name, None)
+  if policy is None:
+    raise ValueError(f"unknown remat policy {name!r}: use 'none', 'full' or "
+                     "a jax.checkpoint_policies name")
+  return policy
+
+
+def logits_from_hidden(hidden_BxTxD, w_DxV, cfg: ModelConfig):
+  """float32 logits [B, T, V] from final hidden states, soft-capped if set."""
+  logits_BxTxV = jnp.einsum("btd,dv->btv", hidden_BxTxD,
+                            w_DxV.astype(hidden_BxTxD.dtype),
+                            preferred_element_type=jnp.float32)
+  if cfg.final_softcap:
+    logits_BxTxV = jnp.tanh(logits_BxTxV / cfg.final_softcap) * (
+        cfg.final_softcap)
+  return logits_BxTxV
+
+
+def unembedding(params, cfg: ModelConfig):
+  """The [D, V] output projection: lm_head, or the embedding's transpose."""
+  if cfg.tie_embeddings:
+    return params["embedder"]["embedding"].T
+  return params["lm_head"]["kernel"]
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM; see the module docstring for the params tree."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT, *,
+               cache=None, cache_index=None, return_hidden: bool = False):
+    """Forward pass.
+
+    Args:
+      tokens_BxT, positions_BxT, segment_ids_BxT: int32; segment 0 = padding.
+      cache: optional `init_cache` dict; the new tokens are written at
+        slots [cache_index, cache_index + T) and attend to every filled slot.
+      cache_index: int32 scalar write offset (required with `cache`).
+      return_hidden: return the final-normed hidden states [B, T, D]
+        instead of logits.
+
+    Returns:
+      float32 logits [B, T, V] (or hidden states), and the updated cache
+      when `cache` was given.
+    """
+    cfg = self.cfg
+    if cache is not None:
+      if cache_index is None:
+        raise ValueError("cache_index is required with a cache")
+      slots = cache["positions"].shape[1]
+      if isinstance(cache_index, int) and cache_index + tokens_BxT.shape[1] > (
+          slots):
+        raise ValueError(f"writing {tokens_BxT.shape[1]} tokens at "
+                         f"{cache_index} overflows a {slots}-slot cache")
+      cache_index = jnp.asarray(cache_index, jnp.int32)
+      kv_positions_BxS = jax.lax.dynamic_update_slice(
+          cache["positions"], positions_BxT.astype(jnp.int32),
+          (0, cache_index))
+      kv_segment_ids_BxS = jax.lax.dynamic_update_slice(
+          cache["segment_ids"], segment_ids_BxT.astype(jnp.int32),
+          (0, cache_index))
+      kv_cache = (cache["k"], cache["v"])
+    else:
+      cache_index = jnp.zeros((), jnp.int32)
+      kv_positions_BxS, kv_segment_ids_BxS = positions_BxT, segment_ids_BxT
+      kv_cache = None
+
+    embedder = _Embed(cfg, name="embedder")
+    x_BxTxD = embedder(tokens_BxT)
+    layer_inputs = {"window": jnp.asarray(cfg.layer_windows()),
+                    "inv_freq": jnp.asarray(cfg.layer_inv_freq())}
+    block = _Block
+    if cfg.remat != "none":
+      block = nn.remat(block, prevent_cse=False,
+                       policy=_remat_policy(cfg.remat))
+    stack = nn.scan(
+        block, variable_axes={"params": 0, "lora": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
+                 nn.broadcast, 0),
+        length=cfg.num_layers,
+        unroll=1 if cfg.scan_layers else cfg.num_layers)
+    x_BxTxD, new_kv = stack(cfg, name="layers")(
+        x_BxTxD, layer_inputs, positions_BxT, segment_ids_BxT,
+        kv_positions_BxS, kv_segment_ids_BxS, cache_index, kv_cache)
+    hidden_BxTxD = _RMSNorm(cfg, name="final_norm")(x_BxTxD)
+    if return_hidden:
+      out = hidden_BxTxD
+    else:
+      w_DxV = (embedder.embedding.T if cfg.tie_embeddings
+               else _LmHead(cfg, name="lm_head")())
+      out = logits_from_hidden(hidden_BxTxD, w_DxV, cfg)
+    if cache is None:
+      return out
+    new_cache = {"k": new_kv[0], "v": new_kv[1],
+                 "positions": kv_positions_BxS,
+                 "segment_ids": kv_segment_ids_BxS}
+    return out, new_cache
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None):
+  """An empty KV cache of `max_len` slots.
+
+  Returns:
+    {"k", "v": [L, B, S, N, K] in `dtype` (default cfg.dtype),
+     "positions", "segment_ids": [B, S] int32 (segment 0 = empty slot)}.
+  """
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (cfg.num_layers, batch_size, max_len, cfg.num_kv_heads,
+           cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+          "positions": jnp.zeros((batch_size, max_len), jnp.int32),
+          "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32)}
+
+
+def init(cfg: ModelConfig, rng):
+  """Fresh variables: {"params": ...} plus {"lora": ...} when cfg.lora is set.
+
+  Pure and jit-able; under `jax.eval_shape` it gives the shapes only.
+  """
+  ones_1x1 = jnp.ones((1, 1), jnp.int32)
+  variables = Transformer(cfg).init({"params": rng}, ones_1x1, ones_1x1 * 0,
+                                    ones_1x1)
+  return jax.tree.map(lambda x: x, dict(variables))
+
+
+def init_lora(cfg: ModelConfig, rng):
+  """Only the "lora" collection of `init` (a = PEFT's init, b = 0)."""
+  if cfg.lora is None:
+    raise ValueError("cfg.lora is None")
+  return init(cfg, rng)["lora"]
+
+
+def param_count(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
