@@ -58,6 +58,30 @@ def get_config(arg=None):
   c.train.z_loss = 0.0  # Weight of z-loss: mean log(Z)^2 over supervised tokens.
   c.train.on_nonfinite = "stop"  # Non-finite loss/grad: "stop" the run or "skip" the update.
 
+  c.checkpoint = config_dict.ConfigDict()
+  c.checkpoint.every_steps = 500  # Save every N steps (0 = only at the end); always at the end.
+  c.checkpoint.keep = 3  # Keep the last N checkpoints (plus the best, if best_metric is set).
+  c.checkpoint.best_metric = ""  # Eval metric whose best step is also kept, e.g. "eval/loss".
+  c.checkpoint.best_mode = "min"  # "min" | "max": which way best_metric improves.
+  c.checkpoint.async_save = True  # Write checkpoint files in the background.
+
+  c.log = config_dict.ConfigDict()
+  c.log.every_steps = 10  # Write train scalars (TensorBoard, metrics.jsonl) every N steps.
+
+  c.eval = config_dict.ConfigDict()
+  c.eval.every_steps = 0  # Evaluate on data.eval_sources every N steps and at the end (0 = never).
+  c.eval.batch_size = 8  # Global rows per eval batch.
+  c.eval.early_stop_metric = ""  # Stop when this eval metric stalls, e.g. "eval/loss" ("" = never).
+  c.eval.early_stop_mode = "min"  # "min" | "max": which way early_stop_metric improves.
+  c.eval.early_stop_patience = 3  # Evaluations without improvement before stopping.
+  c.eval.early_stop_min_delta = 0.0  # Smallest change that counts as an improvement.
+  c.eval.generate = False  # Also evaluate by generation (sft_jax.infer.evaluate) at eval steps.
+  c.eval.generate_data = ""  # JSONL of held-out records with reference answers.
+  c.eval.generate_max_records = 64  # Records generated per evaluation (0 = all).
+  c.eval.generate_max_new_tokens = 128  # Generation budget per record.
+  c.eval.generate_metrics = ("exact_match", "rouge_l", "bleu")  # infer.evaluate metric names.
+  c.eval.generate_batch_size = 8  # Prompts decoded together.
+
   c.mesh = config_dict.ConfigDict()
   c.mesh.data = 1  # Data-parallel axis size (-1 = all remaining devices).
   c.mesh.fsdp = -1  # Fully-sharded data-parallel axis size (-1 = remaining).
