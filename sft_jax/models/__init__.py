@@ -18,6 +18,12 @@ from sft_jax.models.errors import MissingTensorError
 from sft_jax.models.errors import ShapeMismatchError
 from sft_jax.models.errors import UnexpectedTensorError
 from sft_jax.models.errors import UnsupportedModelError
+from sft_jax.models.lora import lora_from_peft
+from sft_jax.models.lora import lora_modules
+from sft_jax.models.lora import merge_lora
+from sft_jax.models.lora import peft_config
+from sft_jax.models.lora import peft_tensors
+from sft_jax.models.sharding import logical_axes
 from sft_jax.models.tables import hf_module_name
 from sft_jax.models.transformer import init
 from sft_jax.models.transformer import init_cache
