@@ -1,0 +1,144 @@
+"""`sft-jax data dump` and `sft-jax data inspect` on real files."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+import tiny_tok
+from sft_jax import cli
+from sft_jax.data import render
+from sft_jax.data.formats import Example
+
+CHATS = [
+    [{"role": "user", "content": "What is two plus two?"},
+     {"role": "assistant", "content": "It is four."}],
+    [{"role": "system", "content": "Answer briefly."},
+     {"role": "user", "content": "Hello, how are you today?"},
+     {"role": "assistant", "content": "I am fine, thank you."},
+     {"role": "user", "content": "The quick brown fox?"},
+     {"role": "assistant", "content": "Jumps over the lazy dog."}],
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  d = tmp_path_factory.mktemp("cli")
+  tok = tiny_tok.make_tokenizer(d / "tok", chat_template=tiny_tok.LLAMA3)
+  lines = [json.dumps({"messages": m}) for m in CHATS]
+  lines.insert(1, '{"messages": [')  # line 2: malformed
+  lines.append(json.dumps({"messages": [{"role": "user", "content": "x"}]}))
+  lines.append(lines[0])  # line 5: exact duplicate of line 1
+  (d / "train.jsonl").write_text("\n".join(lines) + "\n")
+  # Eval holds a copy of a training example and a near-duplicate of another.
+  near = json.loads(json.dumps(CHATS[1]))
+  near[4]["content"] = "Jumps over the lazy cat."
+  (d / "eval.jsonl").write_text(json.dumps({"messages": CHATS[0]}) + "\n" +
+                                json.dumps({"messages": near}) + "\n")
+  return d, tok
+
+
+def test_dump_writes_the_training_tokens_and_masks(files, capsys):
+  d, tok = files
+  out = d / "dump.jsonl"
+  rc = cli.main(["data", "dump", "--tokenizer", str(d / "tok"), "--data",
+                 str(d / "train.jsonl"), "--out", str(out)])
+  assert rc == 0
+  rows = [json.loads(l) for l in out.read_text().splitlines()]
+  assert len(rows) == 3
+  enc = render.Encoder(tok, tok.chat_template, "assistant")
+  for row, chat in zip(rows, [CHATS[0], CHATS[1], CHATS[0]]):
+    ids, mask = enc.encode(Example("chat", messages=chat))
+    assert row["input_ids"] == ids.tolist()
+    assert row["loss_mask"] == mask.tolist()
+    sup = np.asarray(row["input_ids"])[np.asarray(row["loss_mask"]) > 0]
+    want = "".join(m["content"] + "<|eot_id|>" for m in chat
+                   if m["role"] == "assistant")
+    assert tok.decode(sup) == want
+  text = capsys.readouterr().out
+  assert "wrote 3 examples" in text
+  assert "dropped: 2" in text
+  assert f"malformed_json: 1  (e.g. {d}/train.jsonl:2" in text
+  assert f"no_assistant_turn: 1  (e.g. {d}/train.jsonl:4" in text
+
+
+def test_dump_strict_and_mask_last_and_max_length(files, capsys):
+  d, tok = files
+  rc = cli.main(["data", "dump", "--tokenizer", str(d / "tok"), "--data",
+                 str(d / "train.jsonl"), "--out", str(d / "x.jsonl"),
+                 "--strict"])
+  assert rc == 1
+  assert (f"error: {d}/train.jsonl:2: malformed_json"
+          in capsys.readouterr().err)
+  rc = cli.main(["data", "dump", "--tokenizer", str(d / "tok"), "--data",
+                 str(d / "train.jsonl"), "--out", str(d / "x.jsonl"),
+                 "--mask", "last", "--max-length", "60"])
+  assert rc == 0
+  rows = [json.loads(l) for l in (d / "x.jsonl").read_text().splitlines()]
+  assert [len(r["input_ids"]) for r in rows] == [38, 60, 38]
+  sup = [tok.decode(np.asarray(r["input_ids"])[np.asarray(r["loss_mask"]) > 0])
+         for r in rows]
+  assert sup[1] == "Jumps over the lazy dog.<|eot_id|>"
+  assert rows[1]["input_ids"][0] == tok.bos_token_id  # BOS kept when cut
+  assert "1 truncated" in capsys.readouterr().out
+
+
+def test_inspect_on_files(files, capsys):
+  d, _ = files
+  rc = cli.main(["data", "inspect", "--tokenizer", str(d / "tok"), "--data",
+                 str(d / "train.jsonl"), "--eval-data", str(d / "eval.jsonl"),
+                 "--seq-len", "256", "--packing", "pad", "--examples", "1",
+                 "--cache-dir", str(d / "cache"), "--color", "never"])
+  assert rc == 0
+  out = capsys.readouterr().out
+  assert "examples: 3 kept, 0 truncated, 2 dropped" in out
+  assert "malformed_json: 1" in out and "no_assistant_turn: 1" in out
+  # Token-length percentiles and the supervised fraction of the train set,
+  # recomputed here from the dump contract.
+  tok = tiny_tok.make_tokenizer(chat_template=tiny_tok.LLAMA3)
+  enc = render.Encoder(tok, tok.chat_template, "assistant")
+  encoded = [enc.encode(Example("chat", messages=c))
+             for c in (CHATS[0], CHATS[1], CHATS[0])]
+  lengths = [len(i) for i, _ in encoded]
+  assert f"p50={int(np.percentile(lengths, 50))}" in out
+  assert f"p100={max(lengths)}" in out
+  frac = sum(m[1:].sum() for _, m in encoded) / sum(len(m) - 1
+                                                    for _, m in encoded)
+  assert f"supervised-token fraction: {frac:.3f}" in out
+  # Padding mode: each example alone in a 256-token row.
+  eff = sum(n - 1 for n in lengths) / (256 * len(lengths))
+  assert f"packing efficiency at 256: {eff:.3f}" in out
+  # Duplicates: train line 5 == line 1 (train/train), eval line 1 == train
+  # lines 1 and 5 (eval/train: 2 pairs), eval line 2 ~ train line 3 (near).
+  assert re.search(r"exact: eval/train: 2, train/train: 1", out)
+  assert re.search(r"near \(>= 0.8\): eval/train: 1\b", out)
+  assert "[[It is four.<|eot_id|>]]" in out
+
+
+def test_inspect_on_a_run_config(files, tmp_path, capsys):
+  d, _ = files
+  cfg = tmp_path / "cfg.py"
+  cfg.write_text(f'''
+import ml_collections
+from sft_jax.data import config as data_config
+
+def get_config(arg=None):
+  c = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict(dict(path={str(d / "tok")!r}))
+  c.train = ml_collections.ConfigDict(dict(seq_len=128))
+  c.data = data_config.default_config()
+  c.data.cache_dir = {str(tmp_path / "cache")!r}
+  c.data.sources.chat = data_config.source_config(
+      path={str(d / "train.jsonl")!r}, mask="last")
+  return c
+''')
+  rc = cli.main(["data", "inspect", "--config", str(cfg), "--examples", "0",
+                 "--config.data.too_long=drop"])
+  assert rc == 0
+  out = capsys.readouterr().out
+  assert "seq_len: 128" in out and "too_long: drop" in out
+  assert "== train source 'chat'" in out and "mask last" in out
+  rc = cli.main(["data", "inspect", "--config", str(cfg),
+                 "--config.data.nope=1"])
+  assert rc == 1 and "nope" in capsys.readouterr().err
