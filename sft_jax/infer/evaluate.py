@@ -128,7 +128,8 @@ def generation_metrics(model_cfg, variables, tokenizer,
                        metrics: Sequence[str] = DEFAULT_METRICS,
                        json_schema: dict[str, Any] | None = None,
                        sampling: sampling_lib.Sampling = sampling_lib.GREEDY,
-                       batch_size: int = 8, seed: int = 0):
+                       batch_size: int = 8, seed: int = 0,
+                       stop_ids: Sequence[int] | None = None):
   """Generates an answer for every record and scores it.
 
   Args:
@@ -143,6 +144,8 @@ def generation_metrics(model_cfg, variables, tokenizer,
     sampling: greedy by default, which makes evaluation deterministic.
     batch_size: prompts decoded together.
     seed: sampling seed.
+    stop_ids: ids ending a generation (None: the tokenizer's EOS and the
+      chat template's end-of-turn token).
 
   Returns:
     (metrics {name: float} plus "num_samples" and "mean_new_tokens",
@@ -158,7 +161,8 @@ def generation_metrics(model_cfg, variables, tokenizer,
     ids.append(prompting.encode_prompt(tokenizer, prompt, raw=raw))
   completions = generate_lib.generate(
       model_cfg, variables, ids, max_new_tokens=max_new_tokens,
-      stop_ids=prompting.stop_ids(tokenizer), sampling=sampling, seed=seed,
+      stop_ids=(prompting.stop_ids(tokenizer) if stop_ids is None
+                else stop_ids), sampling=sampling, seed=seed,
       batch_size=batch_size)
   predictions = [prompting.decode(tokenizer, c.content_tokens)
                  for c in completions]

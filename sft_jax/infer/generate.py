@@ -85,11 +85,16 @@ def _decode(variables, tokens_BxP, lengths_B, stop_ids_S, rng, *,
   segments_BxP = (slots_BxP < lengths_B[:, None]).astype(jnp.int32)
   cache = models.init_cache(model_cfg, b, p + n, jnp.dtype(model_cfg.dtype))
 
-  logits_BxPxV, cache = model.apply(
+  # Only each row's last prompt position needs logits: [B, P, V] would be
+  # the largest array of the whole generation.
+  hidden_BxPxD, cache = model.apply(
       variables, tokens_BxP, slots_BxP, segments_BxP, cache=cache,
-      cache_index=0)
-  last_BxV = jnp.take_along_axis(
-      logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+      cache_index=0, return_hidden=True)
+  last_Bx1xD = jnp.take_along_axis(
+      hidden_BxPxD, (lengths_B - 1)[:, None, None], axis=1)
+  last_BxV = models.logits_from_hidden(
+      last_Bx1xD, models.unembedding(variables["params"], model_cfg),
+      model_cfg)[:, 0]
 
   def is_stop(tok_B):
     return jnp.any(tok_B[:, None] == stop_ids_S[None, :], axis=-1)

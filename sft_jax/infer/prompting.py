@@ -80,36 +80,94 @@ def decode(tokenizer, ids: Sequence[int]) -> str:
   return tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
-def split_record(record: dict[str, Any], where: str):
+def split_record(record: dict[str, Any], where: str, *, fields=None,
+                 prompt_as_user_turn: bool = True):
   """A (prompt, reference, raw) triple from an evaluation record.
 
-  Records are either chat-style, {"messages": [..., {"role": "assistant",
-  "content": REFERENCE}]}, where every message before the last is the
-  prompt; or completion-style, {"prompt": TEXT, "completion": REFERENCE},
-  where the prompt is a raw string (no template).
+  Any training record format is accepted (messages, sharegpt, alpaca,
+  prompt_completion; see sft_jax.data.formats), and rendered as training
+  rendered it: the reference is the last assistant turn and the prompt every
+  turn before it; a prompt_completion record is a user turn (or, with
+  `prompt_as_user_turn=False`, raw text).
 
   Args:
     record: the parsed record.
     where: "file:line" for error messages.
+    fields: the data `fields` config (None: the default field names).
+    prompt_as_user_turn: as the training source's option of that name.
+
+  Returns:
+    (prompt: messages list or raw string, reference: str, raw: bool).
   """
-  if "messages" in record:
+  example = _example(record, where, fields)
+  if example.kind == "prompt_completion":
+    if not prompt_as_user_turn:
+      return example.prompt, example.completion, True
+    messages = ([{"role": "system", "content": example.system}]
+                if example.system else [])
+    messages.append({"role": "user", "content": example.prompt})
+    return messages, example.completion, False
+  if example.kind != "chat":
+    raise ValueError(f"{where}: a {example.kind!r} record has no reference "
+                     "answer to evaluate against")
+  messages = example.messages
+  last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+  if last != len(messages) - 1:
+    raise ValueError(f"{where}: turns follow the last assistant turn; the "
+                     "reference answer must be the final turn")
+  if last == 0:
+    raise ValueError(f"{where}: the conversation starts with the assistant "
+                     "turn: there is no prompt")
+  return messages[:last], messages[last]["content"], False
+
+
+def prompt_of_record(record: dict[str, Any], where: str, *, raw: bool,
+                     fields=None):
+  """The prompt of a generation request record.
+
+  {"prompt": TEXT} (a user turn, or raw text with `raw`), {"messages":
+  [...]} (every turn, or every turn before a final assistant turn), or any
+  record `split_record` accepts.
+  """
+  if isinstance(record, dict) and set(record) <= {"prompt", "id", "system"}:
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+      raise ValueError(f"{where}: 'prompt' must be a non-empty string")
+    if raw:
+      return prompt
+    system = record.get("system")
+    return ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}]
+  if (isinstance(record, dict) and isinstance(record.get("messages"), list)
+      and record["messages"]
+      and isinstance(record["messages"][-1], dict)
+      and record["messages"][-1].get("role") != "assistant"):
     messages = record["messages"]
-    if (not isinstance(messages, list) or len(messages) < 2
-        or not all(isinstance(m, dict) and "role" in m and "content" in m
-                   for m in messages)):
-      raise ValueError(
-          f"{where}: 'messages' must be a list of at least two "
-          "{'role', 'content'} objects")
-    if messages[-1]["role"] != "assistant":
-      raise ValueError(
-          f"{where}: the last message must be the assistant's reference "
-          f"answer, got role {messages[-1]['role']!r}")
-    return messages[:-1], messages[-1]["content"], False
-  if "prompt" in record and "completion" in record:
-    return record["prompt"], record["completion"], True
-  raise ValueError(
-      f"{where}: expected a 'messages' list or 'prompt' and 'completion' "
-      f"fields, got keys {sorted(record)}")
+    for i, m in enumerate(messages):
+      if (not isinstance(m, dict) or not isinstance(m.get("role"), str)
+          or not isinstance(m.get("content"), str)):
+        raise ValueError(f"{where}: messages[{i}] must be an object with "
+                         "string 'role' and 'content'")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+  prompt, _, is_raw = split_record(record, where, fields=fields,
+                                   prompt_as_user_turn=not raw)
+  if raw and not is_raw:
+    raise ValueError(f"{where}: --raw needs a plain-text prompt, but this "
+                     "record is a conversation")
+  return prompt
+
+
+def _example(record, where: str, fields):
+  # Imported here: sft_jax.data pulls in grain, which generation alone does
+  # not need.
+  from sft_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
+  from sft_jax.data import errors as data_errors  # pylint: disable=g-import-not-at-top
+  from sft_jax.data import formats  # pylint: disable=g-import-not-at-top
+  fields = fields if fields is not None else data_config.fields_config()
+  try:
+    return formats.to_example(record, formats.detect(record, fields), fields)
+  except (data_errors.DataError, data_errors.RecordError) as e:
+    raise ValueError(f"{where}: {e}") from None
 
 
 def read_jsonl(path: str) -> list[tuple[dict[str, Any], str]]:

@@ -1,0 +1,302 @@
+"""`sft-jax generate | chat | eval | export`."""
+
+import argparse
+import json
+import os
+import re
+import sys
+
+_MODEL_HELP = (
+    "a run directory (sft-jax train --workdir; recognised by its "
+    "checkpoints/ folder), a Hugging Face model directory, or a hub id")
+
+
+def _add_model_args(parser, *, flag="--model", help_text=_MODEL_HELP):
+  parser.add_argument(flag, required=True, metavar="DIR_OR_RUN",
+                      help=help_text)
+  parser.add_argument("--step", type=int, default=None,
+                      help="checkpoint step of a run (default: the latest)")
+  parser.add_argument("--adapter", default=None, metavar="DIR",
+                      help="a PEFT LoRA adapter directory to apply over the "
+                      "model (e.g. one written by `sft-jax export --adapter` "
+                      "or by peft)")
+  parser.add_argument("--dtype", default=None,
+                      choices=("float32", "bfloat16", "float16"),
+                      help="compute dtype (default: the run's or float32)")
+
+
+def _add_generation_args(parser, max_new_tokens=256):
+  g = parser.add_argument_group("generation")
+  g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                 help=f"tokens generated at most (default {max_new_tokens})")
+  g.add_argument("--temperature", type=float, default=0.0,
+                 help="0 (default) decodes greedily; > 0 samples")
+  g.add_argument("--top-k", type=int, default=0,
+                 help="sample among the k likeliest tokens (0: all)")
+  g.add_argument("--top-p", type=float, default=1.0,
+                 help="sample within the top-p probability mass (1: all)")
+  g.add_argument("--seed", type=int, default=0, help="sampling seed")
+  g.add_argument("--batch-size", type=int, default=8,
+                 help="prompts decoded together (default 8)")
+
+
+def _sampling(args):
+  from sft_jax.infer import sampling  # pylint: disable=g-import-not-at-top
+  return sampling.Sampling(temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p)
+
+
+def _load(args, model):
+  from sft_jax.infer import loading  # pylint: disable=g-import-not-at-top
+  return loading.load(model, step=args.step, adapter=args.adapter,
+                      dtype=args.dtype, merge_lora=True)
+
+
+def generate_main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="sft-jax generate",
+      description=(
+          "Generate text from a model or a training run. Prompts are "
+          "rendered with the model's chat template (the exact one a run "
+          "trained with) unless --raw. Generation stops at EOS, at the "
+          "template's end-of-turn token, or after --max-new-tokens."),
+      epilog=(
+          "examples:\n"
+          "  sft-jax generate --model runs/demo --prompt 'Hello!'\n"
+          "  sft-jax generate --model Qwen/Qwen2.5-0.5B-Instruct "
+          "--data prompts.jsonl --out completions.jsonl\n"
+          "--data lines: {\"prompt\": TEXT} (a user turn, or plain text with "
+          "--raw), {\"messages\": [...]} (a trailing assistant turn is "
+          "dropped), or any training record format."),
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  _add_model_args(parser)
+  src = parser.add_mutually_exclusive_group(required=True)
+  src.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="a prompt (repeat for several)")
+  src.add_argument("--data", metavar="FILE",
+                   help="a JSONL file of prompt records")
+  parser.add_argument("--raw", action="store_true",
+                      help="tokenize prompts as plain text (tokenizer BOS), "
+                      "without the chat template")
+  parser.add_argument("--out", metavar="FILE", default=None,
+                      help="write JSONL {prompt, completion, stopped} here "
+                      "(default: completions to stdout)")
+  _add_generation_args(parser)
+  args = parser.parse_args(argv)
+
+  from sft_jax.infer import generate as generate_lib  # pylint: disable=g-import-not-at-top
+  from sft_jax.infer import prompting  # pylint: disable=g-import-not-at-top
+  if args.prompt:
+    prompts = [p if args.raw else [{"role": "user", "content": p}]
+               for p in args.prompt]
+  else:
+    prompts = [prompting.prompt_of_record(r, where, raw=args.raw)
+               for r, where in prompting.read_jsonl(args.data)]
+    if not prompts:
+      parser.error(f"{args.data}: no records")
+  loaded = _load(args, args.model)
+  ids = [prompting.encode_prompt(loaded.tokenizer, p, raw=args.raw)
+         for p in prompts]
+  completions = generate_lib.generate(
+      loaded.model_cfg, loaded.variables, ids,
+      max_new_tokens=args.max_new_tokens, stop_ids=loaded.stop_ids,
+      sampling=_sampling(args), seed=args.seed, batch_size=args.batch_size)
+  texts = [prompting.decode(loaded.tokenizer, c.content_tokens)
+           for c in completions]
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+      for p, t, c in zip(prompts, texts, completions):
+        f.write(json.dumps({"prompt": p, "completion": t,
+                            "stopped": c.stopped}, ensure_ascii=False) + "\n")
+    print(f"wrote {len(texts)} completions to {args.out}", file=sys.stderr)
+  elif args.data:
+    for p, t, c in zip(prompts, texts, completions):
+      print(json.dumps({"prompt": p, "completion": t, "stopped": c.stopped},
+                       ensure_ascii=False))
+  else:
+    print("\n\n".join(texts))
+  return 0
+
+
+def chat_main(argv=None, *, input_fn=input, print_fn=print) -> int:
+  parser = argparse.ArgumentParser(
+      prog="sft-jax chat",
+      description=(
+          "Chat with a model or a training run in the terminal, using its "
+          "chat template. Commands: /reset starts over, /exit (or Ctrl-D) "
+          "quits."))
+  _add_model_args(parser)
+  parser.add_argument("--system", default=None,
+                      help="a system prompt opening the conversation")
+  _add_generation_args(parser, max_new_tokens=512)
+  args = parser.parse_args(argv)
+
+  from sft_jax.infer import generate as generate_lib  # pylint: disable=g-import-not-at-top
+  from sft_jax.infer import prompting  # pylint: disable=g-import-not-at-top
+  loaded = _load(args, args.model)
+  if loaded.tokenizer.chat_template is None:
+    print(f"{args.model}: the tokenizer has no chat template; use "
+          "`sft-jax generate --raw` instead", file=sys.stderr)
+    return 2
+  opening = ([{"role": "system", "content": args.system}]
+             if args.system else [])
+  messages = list(opening)
+  turn = 0
+  while True:
+    try:
+      text = input_fn("you> ")
+    except EOFError:
+      print_fn("")
+      return 0
+    if text.strip() == "/exit":
+      return 0
+    if text.strip() == "/reset":
+      messages = list(opening)
+      print_fn("(conversation cleared)")
+      continue
+    if not text.strip():
+      continue
+    messages.append({"role": "user", "content": text})
+    ids = prompting.encode_prompt(loaded.tokenizer, messages)
+    completion = generate_lib.generate(
+        loaded.model_cfg, loaded.variables, [ids],
+        max_new_tokens=args.max_new_tokens, stop_ids=loaded.stop_ids,
+        sampling=_sampling(args), seed=args.seed + turn)[0]
+    reply = prompting.decode(loaded.tokenizer, completion.content_tokens)
+    messages.append({"role": "assistant", "content": reply})
+    print_fn(f"assistant> {reply}")
+    turn += 1
+
+
+def eval_main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="sft-jax eval",
+      description=(
+          "Evaluate a run (or any model) by generation: greedy answers to "
+          "the prompts of --data are scored against the references. "
+          "Metrics go to the run's TensorBoard (tb/) and, with the sample "
+          "generations, to a JSON file."),
+      epilog=(
+          "--data records: any training record format (messages, sharegpt, "
+          "alpaca, prompt_completion); the last assistant turn is the "
+          "reference, the turns before it the prompt.\n"
+          "metrics: exact_match, rouge_l, bleu (sacrebleu, 0-100), "
+          "json_valid, json_schema (needs --json-schema)."),
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  _add_model_args(parser, flag="--run", help_text=_MODEL_HELP)
+  parser.add_argument("--data", required=True, metavar="FILE",
+                      help="JSONL evaluation records with reference answers")
+  parser.add_argument("--metrics", default="exact_match,rouge_l,bleu",
+                      help="comma-separated metric names "
+                      "(default exact_match,rouge_l,bleu)")
+  parser.add_argument("--json-schema", default=None, metavar="FILE",
+                      help="a JSON Schema file; adds the json_valid and "
+                      "json_schema metrics")
+  parser.add_argument("--out", default=None, metavar="DIR",
+                      help="directory of the results JSON (default: "
+                      "RUN/eval for a run; required otherwise)")
+  parser.add_argument("--name", default=None,
+                      help="name of this evaluation in TensorBoard tags and "
+                      "file names (default: the data file's stem)")
+  _add_generation_args(parser)
+  args = parser.parse_args(argv)
+
+  from sft_jax.infer import evaluate  # pylint: disable=g-import-not-at-top
+  from sft_jax.infer import loading  # pylint: disable=g-import-not-at-top
+  from sft_jax.infer import prompting  # pylint: disable=g-import-not-at-top
+  run_dir = args.run if loading.is_run_dir(args.run) else None
+  if run_dir is None and args.out is None:
+    parser.error("--out is required when --run is not a run directory")
+  metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+  schema = None
+  if args.json_schema:
+    with open(args.json_schema, encoding="utf-8") as f:
+      schema = json.load(f)
+    metrics += [m for m in ("json_valid", "json_schema") if m not in metrics]
+  rows = prompting.read_jsonl(args.data)
+  if not rows:
+    parser.error(f"{args.data}: no records")
+  for record, where in rows:  # fail on a bad record before loading weights
+    prompting.split_record(record, where)
+  loaded = _load(args, args.run)
+  result, samples = evaluate.generation_metrics(
+      loaded.model_cfg, loaded.variables, loaded.tokenizer,
+      [r for r, _ in rows], max_new_tokens=args.max_new_tokens,
+      metrics=metrics, json_schema=schema, sampling=_sampling(args),
+      batch_size=args.batch_size, seed=args.seed, stop_ids=loaded.stop_ids)
+  name = args.name or os.path.splitext(os.path.basename(args.data))[0]
+  prefix = "gen_" + re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+  writer = None
+  if run_dir is not None:
+    import tensorboard.summary  # pylint: disable=g-import-not-at-top
+    writer = tensorboard.summary.Writer(os.path.join(run_dir, "tb"))
+  out_dir = args.out or os.path.join(run_dir, "eval")
+  path = evaluate.write_results(out_dir, loaded.step or 0, result, samples,
+                                prefix=prefix, writer=writer)
+  if writer is not None:
+    writer.close()
+  for k, v in result.items():
+    print(f"{k}: {v:.4f}")
+  print(f"wrote {path}", file=sys.stderr)
+  return 0
+
+
+def export_main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="sft-jax export",
+      description=(
+          "Export a training run to Hugging Face format. --merge folds LoRA "
+          "into the base weights and writes a standalone transformers "
+          "checkpoint (config.json, safetensors sharded above "
+          "--max-shard-size, generation_config.json, the tokenizer with the "
+          "exact chat template used in training). --adapter writes a PEFT "
+          "adapter (adapter_config.json + adapter_model.safetensors) that "
+          "records the base model's path or hub id."),
+      epilog=(
+          "serve the result:\n"
+          "  merged:  transformers.AutoModelForCausalLM.from_pretrained(OUT)"
+          ", or vllm serve OUT\n"
+          "  adapter: peft.AutoPeftModelForCausalLM.from_pretrained(OUT)"),
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--run", required=True, metavar="DIR",
+                      help="the run directory (sft-jax train --workdir)")
+  parser.add_argument("--step", type=int, default=None,
+                      help="checkpoint step (default: the latest)")
+  parser.add_argument("--out", required=True, metavar="HF_DIR",
+                      help="output directory (created)")
+  mode = parser.add_mutually_exclusive_group(required=True)
+  mode.add_argument("--merge", action="store_true",
+                    help="write merged full weights")
+  mode.add_argument("--adapter", action="store_true",
+                    help="write a PEFT LoRA adapter (LoRA runs only)")
+  parser.add_argument("--dtype", default=None,
+                      choices=("float32", "bfloat16", "float16"),
+                      help="weight dtype on disk (default: the params' dtype)")
+  parser.add_argument("--max-shard-size", default="5GB",
+                      help="largest safetensors shard of a merged export "
+                      "(default 5GB)")
+  args = parser.parse_args(argv)
+
+  from sft_jax.infer import export  # pylint: disable=g-import-not-at-top
+  from sft_jax.infer import loading  # pylint: disable=g-import-not-at-top
+  if not loading.is_run_dir(args.run):
+    parser.error(f"{args.run} is not a run directory (no checkpoints/)")
+  loaded = loading.load(args.run, step=args.step)
+  if args.merge:
+    export.export_merged(
+        loaded.model_cfg, loaded.variables["params"],
+        loaded.variables.get("lora"), args.out, tokenizer=loaded.tokenizer,
+        tokenizer_files=loaded.tokenizer_files,
+        base_model=loaded.base_model, dtype=args.dtype,
+        max_shard_size=args.max_shard_size)
+  else:
+    if "lora" not in loaded.variables:
+      parser.error(f"{args.run} is a full fine-tune (no LoRA): use --merge")
+    export.export_adapter(
+        loaded.model_cfg, loaded.variables["lora"], args.out,
+        base_model=loaded.base_model, dtype=args.dtype,
+        tokenizer=loaded.tokenizer, tokenizer_files=loaded.tokenizer_files)
+  print(f"exported step {loaded.step} of {args.run} to {args.out}",
+        file=sys.stderr)
+  return 0
