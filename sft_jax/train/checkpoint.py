@@ -193,6 +193,16 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored[_STATE], (restored[_DATA] if with_data else None)
 
+  def restore_state_subset(self, step: int, abstract_subset: Any) -> Any:
+    """Restores only the sub-tree of the saved state that `abstract_subset`
+    names (e.g. {"step", "trainable"} without the optimizer state)."""
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_subset)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.PyTreeRestore(abstract_subset,
+                                       restore_args=restore_args,
+                                       partial_restore=True)}))
+    return restored[_STATE]
+
   def restore_config(self, step: int) -> dict:
     restored = self._manager.restore(step, args=ocp.args.Composite(
         **{_CONFIG: ocp.args.JsonRestore()}))

@@ -1,0 +1,385 @@
+"""The training loop: data -> jitted step -> metrics, evals and checkpoints.
+
+  result = loop.train(cfg, workdir)
+
+Per step the loop reads this host's rows, assembles the global batch,
+dispatches the step, and only then fetches the PREVIOUS step's metrics, so
+the device always has the next step queued while the host logs. Checkpoint,
+eval and final steps are the exceptions: their own metrics are fetched first,
+because a state is saved only once its step is known to be finite (a
+non-finite loss or gradient stops the run before anything of it is written).
+
+A checkpoint holds the trainable part of the state, the optimizer state and
+the step; frozen weights (the base model under LoRA or `freeze`) are not
+copied into every checkpoint but re-created from `model.path` (or the seed),
+which the resolved config records.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+from ml_collections import config_dict
+
+from sft_jax import data
+from sft_jax.train import checkpoint as checkpoint_lib
+from sft_jax.train import config as config_lib
+from sft_jax.train import evaluate
+from sft_jax.train import flops
+from sft_jax.train import metrics_writer
+from sft_jax.train import sharding
+from sft_jax.train import step as step_lib
+
+EXIT_OK, EXIT_NONFINITE = 0, 3
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """How a `train` call ended."""
+  exit_code: int  # 0: finished / early-stopped / preempted and saved.
+  step: int  # The last step whose update was applied and verified.
+  reason: str  # "finished" | "early_stopped" | "preempted" | "nonfinite"
+  metrics: dict  # The last logged train (and eval) scalars.
+
+
+class NonFiniteError(RuntimeError):
+  """A step produced a non-finite loss or gradient norm."""
+
+
+def checkpointed_part(state: step_lib.TrainState) -> dict:
+  """What a checkpoint stores of a state (frozen weights are re-created)."""
+  return {"step": state.step, "trainable": state.trainable,
+          "opt_state": state.opt_state}
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings)
+
+
+class _Preemption:
+  """Notices SIGTERM: a flag on one process; JAX's sync point on several.
+
+  With several processes every one must stop at the same step, so the
+  decision comes from `reached_preemption_sync_point`, which JAX's
+  distributed runtime drives from the signal itself.
+  """
+
+  def __init__(self):
+    self._flag = False
+    self._multi = jax.process_count() > 1
+    self._previous = None
+    if not self._multi:
+      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+  def _on_signal(self, signum, frame):
+    del signum, frame
+    self._flag = True
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self._flag
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+
+class _Progress:
+  """A tqdm bar (ETA, loss) on process 0, or plain log lines."""
+
+  def __init__(self, total: int, start: int, enabled: bool, bar: bool,
+               log_every: int):
+    self._bar = None
+    self._enabled, self._log_every = enabled, max(1, log_every)
+    if enabled and bar:
+      import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm.tqdm(total=total, initial=start, unit="step",
+                            dynamic_ncols=True, mininterval=0.5)
+
+  def update(self, step: int, scalars: dict) -> None:
+    if not self._enabled:
+      return
+    if self._bar is not None:
+      self._bar.update(step - self._bar.n)
+      self._bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
+                            lr=f"{scalars['train/lr']:.2e}", refresh=False)
+    elif step % self._log_every == 0:
+      print(f"step {step}: loss {scalars['train/loss']:.4f}  "
+            f"lr {scalars['train/lr']:.3e}  "
+            f"grad_norm {scalars['train/grad_norm']:.3f}", flush=True)
+
+  def write(self, text: str) -> None:
+    if not self._enabled:
+      return
+    if self._bar is not None:
+      self._bar.write(text)
+    else:
+      print(text, flush=True)
+
+  def close(self):
+    if self._bar is not None:
+      self._bar.close()
+
+
+class _HostMetrics:
+  """Turns a step's device metrics into logged scalars, one step behind."""
+
+  def __init__(self, cfg, model_cfg, report, source_names, mesh, writer,
+               progress):
+    self._cfg, self._writer, self._progress = cfg, writer, progress
+    self._sources = source_names
+    self._row_tokens = cfg.train.batch_size * cfg.train.seq_len
+    method = cfg.method.name
+    self._flops_per_token = flops.flops_per_token(
+        model_cfg, cfg.train.seq_len, method,
+        trainable_matmul_params=report["trainable_params"])
+    peak = flops.peak_flops(mesh.devices.flat[0].device_kind)
+    self._peak = peak * mesh.devices.size if peak else None
+    self._last_time = None
+    self.last: dict = {}
+    self.skipped = 0
+
+  def finish(self, step: int, metrics: Any) -> dict:
+    """Fetches `metrics` of `step`, checks them, logs them; returns scalars.
+
+    Raises NonFiniteError when the step is not finite and the config says to
+    stop.
+    """
+    m = jax.device_get(metrics)
+    now = time.perf_counter()
+    dt = None if self._last_time is None else now - self._last_time
+    self._last_time = now
+    if not m["finite"]:
+      if self._cfg.train.on_nonfinite != "skip":
+        raise NonFiniteError(
+            f"step {step}: non-finite loss ({float(m['loss'])}) or gradient "
+            f"norm ({float(m['grad_norm'])}); stopping without checkpointing "
+            "this step (set train.on_nonfinite=skip to skip such updates)")
+      self.skipped += 1
+      self._progress.write(f"step {step}: non-finite loss or gradient; "
+                           "update skipped")
+    s = {f"train/{k}": float(m[k]) for k in (
+        "loss", "ce_loss", "token_accuracy", "grad_norm", "update_norm",
+        "param_norm", "lr", "num_supervised_tokens", "num_tokens", "skipped")}
+    if self._cfg.train.z_loss:
+      s["train/z_loss"] = float(m["z_loss"])
+    s["train/packing_efficiency"] = float(m["num_tokens"]) / self._row_tokens
+    for sid, name in enumerate(self._sources):
+      if m["source_count"][sid] > 0:
+        s[f"train/loss/{name}"] = float(
+            m["source_loss_sum"][sid] / m["source_count"][sid])
+        s[f"train/supervised_tokens/{name}"] = float(m["source_count"][sid])
+    # The first step of a process also pays for compilation: no rate for it.
+    if dt:
+      s["perf/step_time_s"] = dt
+      s["perf/tokens_per_s"] = float(m["num_tokens"]) / dt
+      s["perf/supervised_tokens_per_s"] = float(
+          m["num_supervised_tokens"]) / dt
+      if self._peak:
+        # Padding costs the same FLOPs as text: count every row token.
+        s["perf/mfu"] = self._row_tokens * self._flops_per_token / (
+            dt * self._peak)
+    if step % max(1, self._cfg.log.every_steps) == 0 or step == 1:
+      self._writer.write_scalars(step, s)
+    self._progress.update(step, s)
+    self.last = s
+    return s
+
+  def restart_clock(self) -> None:
+    """After an eval or a blocking save: the next interval is no step time."""
+    self._last_time = None
+
+
+def _load_tokenizer(cfg, workdir: str, resuming: bool):
+  saved = os.path.join(workdir, "tokenizer")
+  if resuming and os.path.isdir(saved):
+    # The exact tokenizer and chat template the run started with.
+    return data.load_tokenizer(saved)
+  path = cfg.data.tokenizer or cfg.model.path
+  if not path:
+    raise ValueError("config: set data.tokenizer (or model.path, whose "
+                     "tokenizer is used by default)")
+  return data.load_tokenizer(path, cfg.data.chat_template or None)
+
+
+def _check_resume_config(cfg, workdir: str, progress: _Progress) -> None:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = config_lib.flatten_config(config_dict.ConfigDict(json.load(f)))
+  new = config_lib.flatten_config(cfg)
+  changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  for key in changed:
+    progress.write(f"  config {key}: {old.get(key)!r} -> {new.get(key)!r}")
+
+
+def train(cfg: config_dict.ConfigDict, workdir: str, *,
+          progress: bool = True) -> TrainResult:
+  """Trains (or resumes) the run in `workdir`; see the module docstring."""
+  is_main = jax.process_index() == 0
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
+      best_metric=cfg.checkpoint.best_metric or None,
+      best_mode=cfg.checkpoint.best_mode,
+      async_save=cfg.checkpoint.async_save)
+  resume_step = ckpt.latest_step()
+  if resume_step is not None and resume_step >= cfg.train.steps:
+    print(f"{workdir}: already trained to step {resume_step} >= "
+          f"train.steps={cfg.train.steps}; nothing to do.", flush=True)
+    ckpt.close()
+    return TrainResult(EXIT_OK, resume_step, "finished", {})
+  bar = _Progress(cfg.train.steps, resume_step or 0, is_main, progress,
+                  cfg.log.every_steps)
+  if resume_step is not None:
+    bar.write(f"Resuming from the checkpoint of step {resume_step} in "
+              f"{ckpt.directory}")
+    _check_resume_config(cfg, workdir, bar)
+
+  tok = _load_tokenizer(cfg, workdir, resume_step is not None)
+  tok_dir = os.path.join(workdir, "tokenizer")
+  if is_main:
+    config_lib.save_config(cfg, os.path.join(workdir, "config.json"))
+    if resume_step is None:
+      tok.save_pretrained(tok_dir)
+  tokenizer_files = checkpoint_lib.read_files(tok_dir) if is_main else {}
+
+  mesh = sharding.make_mesh(cfg.mesh)
+  model_cfg, variables = step_lib.load_or_init_model(cfg, mesh)
+  state, state_shardings = step_lib.init_train_state(cfg, model_cfg, variables,
+                                                     mesh)
+  del variables
+  report = step_lib.param_report(cfg, model_cfg, state)
+  bar.write("params: {trainable_params:,} trainable of {total_params:,}; "
+            "optimizer state {opt_state_bytes:,} bytes".format(**report))
+
+  pipeline = data.make_train_pipeline(
+      cfg.data, tok, seq_len=cfg.train.seq_len,
+      batch_size=cfg.train.batch_size, process_index=jax.process_index(),
+      process_count=jax.process_count(), seed=cfg.seed)
+  batches = iter(pipeline)
+  early = None
+  if cfg.eval.early_stop_metric:
+    early = evaluate.EarlyStopping(
+        cfg.eval.early_stop_metric, cfg.eval.early_stop_mode,
+        cfg.eval.early_stop_patience, cfg.eval.early_stop_min_delta)
+
+  if resume_step is not None:
+    part = checkpointed_part(state)
+    target = _abstract(part, checkpointed_part(state_shardings))
+    # Drop the fresh arrays before reading the saved ones into their place.
+    state = state.replace(trainable=None, opt_state=None)
+    del part
+    restored, host_state = ckpt.restore(resume_step, target)
+    state = state.replace(**restored)
+    batches.set_state(host_state["iterator"])
+    if early is not None and host_state.get("early_stopping"):
+      early.load_state_dict(host_state["early_stopping"])
+  start = int(jax.device_get(state.step))
+
+  writer = metrics_writer.MetricsWriter(workdir, enabled=is_main,
+                                        resume_step=start)
+  eval_sets = {}
+  if cfg.eval.every_steps > 0:
+    eval_sets = data.make_eval_batches(
+        cfg.data, tok, seq_len=cfg.train.seq_len,
+        batch_size=cfg.eval.batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count())
+  if start == 0:
+    tags = ["train/loss"] + [f"eval/{n}/loss" for n in eval_sets]
+    writer.write_hparams(config_lib.flatten_config(cfg), tags)
+    writer.write_scalars(0, {f"params/{k}": v for k, v in report.items()})
+
+  train_step = step_lib.jit_train_step(cfg, model_cfg, mesh, state_shardings)
+  eval_step = (step_lib.jit_eval_step(cfg, model_cfg, mesh, state_shardings)
+               if eval_sets or cfg.eval.generate else None)
+  host = _HostMetrics(cfg, model_cfg, report, data.source_names(cfg.data),
+                      mesh, writer, bar)
+  preemption = _Preemption()
+  saved_step = resume_step
+
+  def save(step, eval_metrics=None):
+    nonlocal saved_step
+    if saved_step == step:
+      return
+    host_state = {"iterator": batches.get_state(),
+                  "early_stopping": early.state_dict() if early else None}
+    ckpt.save(step, checkpointed_part(state), data_state=host_state,
+              config=config_lib.config_to_dict(cfg),
+              tokenizer_files=tokenizer_files, metrics=eval_metrics)
+    saved_step = step
+
+  reason, exit_code, step = "finished", EXIT_OK, start
+  pending = None  # (step, device metrics) not yet fetched.
+  try:
+    for step in range(start + 1, cfg.train.steps + 1):
+      batch = sharding.global_batch(next(batches), mesh)
+      state, metrics = train_step(state, batch)
+      if pending is not None:
+        host.finish(*pending)
+      pending = (step, metrics)
+
+      every = lambda n: n > 0 and step % n == 0
+      last = step == cfg.train.steps
+      stop_now = preemption.reached(step)
+      do_eval = every(cfg.eval.every_steps) or (last and eval_sets and
+                                                cfg.eval.every_steps > 0)
+      do_save = every(cfg.checkpoint.every_steps) or last or stop_now
+      if not (do_eval or do_save):
+        continue
+      host.finish(*pending)  # Verify this step before saving or evaluating.
+      pending = None
+      eval_metrics = None
+      if do_eval:
+        eval_metrics = evaluate.eval_losses(eval_step, state, eval_sets, mesh)
+        if cfg.eval.generate:
+          eval_metrics.update(evaluate.generation_eval(cfg, model_cfg, state,
+                                                       tok))
+        writer.write_scalars(step, eval_metrics)
+        bar.write(f"step {step}: " + "  ".join(
+            f"{k} {v:.4f}" for k, v in eval_metrics.items()
+            if not k.endswith("/tokens")))
+        host.last.update(eval_metrics)
+        if early is not None and early.update(eval_metrics):
+          reason = "early_stopped"
+        if cfg.checkpoint.best_metric:
+          do_save = True  # Every evaluated step is a candidate for best.
+      if do_save or reason != "finished":
+        save(step, eval_metrics)
+      host.restart_clock()
+      if stop_now:
+        reason = "preempted"
+      if reason != "finished":
+        break
+  except NonFiniteError as e:
+    bar.write(f"error: {e}; last checkpoint: step {saved_step}")
+    reason, exit_code = "nonfinite", EXIT_NONFINITE
+  finally:
+    preemption.close()
+    bar.close()
+    ckpt.close()
+    writer.close()
+
+  if reason == "preempted":
+    print(f"Preempted: saved step {step}; rerun the same command to resume.",
+          file=sys.stderr, flush=True)
+  elif reason == "early_stopped":
+    print(f"Early stop at step {step}: {cfg.eval.early_stop_metric} has not "
+          f"improved for {early.patience} evaluations (best "
+          f"{early.best:.6g}).", flush=True)
+  final_step = step if reason != "nonfinite" else (saved_step or 0)
+  return TrainResult(exit_code=exit_code, step=final_step, reason=reason,
+                     metrics=host.last)
+
