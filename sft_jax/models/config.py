@@ -337,7 +337,10 @@ class ModelConfig:
     if self.model_type == "llama":
       out["mlp_bias"] = self.mlp_bias
     if self.query_scale:
-      out["query_pre_attn_scalar"] = round(self.query_scale ** -2, 6)
+      scalar = round(self.query_scale ** -2, 6)
+      # transformers' gemma configs validate this field as an int.
+      out["query_pre_attn_scalar"] = (int(scalar) if scalar.is_integer()
+                                      else scalar)
     if self.model_type in ("gemma2", "gemma3_text"):
       out["attn_logit_softcapping"] = self.attn_softcap
       out["final_logit_softcapping"] = self.final_softcap
