@@ -74,32 +74,52 @@ def _split_where(where: str) -> tuple[str, str, int]:
   return where[:cut], where[cut], int(where[cut + 1:])
 
 
-def encode_records(src, tok, template, *, strict: bool, drops: DropLog):
-  """Yields (where, ids, mask) per kept record; counts the rest in `drops`.
+def encode_records(src, tok, template, *, strict: bool, drops: DropLog,
+                   chunk: int = 64):
+  """Yields the detected format first, then (where, ids, mask) per kept record.
 
-  Also yields the detected format first, as a string.
+  Rejected records are counted in `drops` (or raise DataError when strict).
+  Records are tokenized `chunk` at a time in one batched tokenizer call.
   """
   fmt = src.format
   encoder = render.Encoder(tok, template, src.mask, src.prompt_as_user_turn)
+  if strict:
+    chunk = 1  # report the first bad record in file order
+
+  def reject(where, e):
+    if strict:
+      raise DataError(f"{where}: {e.reason}: {e.detail}")
+    drops.add(e.reason, where, e.detail)
+
   announced = False
-  for where, record in sources.read_records(src):
-    try:
-      if isinstance(record, RecordError):
-        raise record
-      if fmt == "auto":
-        fmt = formats.detect(record, src.fields)
-      if not announced:
-        announced = True
-        yield fmt
-      ids, mask = encoder.encode(formats.to_example(record, fmt, src.fields))
-    except RecordError as e:
-      if strict:
-        raise DataError(f"{where}: {e.reason}: {e.detail}") from None
-      drops.add(e.reason, where, e.detail)
-      continue
-    yield where, ids, mask
-  if not announced:
-    yield fmt
+  pending = []  # (where, Example)
+  records = sources.read_records(src)
+  while True:
+    done = True
+    for where, record in records:
+      try:
+        if isinstance(record, RecordError):
+          raise record
+        if fmt == "auto":
+          fmt = formats.detect(record, src.fields)
+        pending.append((where, formats.to_example(record, fmt, src.fields)))
+      except RecordError as e:
+        reject(where, e)
+      if len(pending) >= chunk:
+        done = False
+        break
+    if not announced:
+      announced = True
+      yield fmt
+    results = encoder.encode_batch([ex for _, ex in pending])
+    for (where, _), result in zip(pending, results):
+      if isinstance(result, RecordError):
+        reject(where, result)
+      else:
+        yield (where, *result)
+    pending = []
+    if done:
+      return
 
 
 def tokenize_source(name: str, src, tok, template: str | None, *,

@@ -213,9 +213,15 @@ def make_train_pipeline(data_cfg, tok, *, seq_len: int, batch_size: int,
     raise DataError("every data source has weight 0")
   mixed = grain.MapDataset.mix(streams, [w / sum(weights) for w in weights])
   ds = mixed.to_iter_dataset(grain.ReadOptions(
-      num_threads=data_cfg.read_threads, prefetch_buffer_size=256))
+      num_threads=data_cfg.read_threads,
+      prefetch_buffer_size=4 * data_cfg.read_threads))
   ds = _pack(ds, data_cfg, seq_len, seed, shuffle_bins=True)
-  return ds.batch(batch_size // process_count, drop_remainder=True)
+  ds = ds.batch(batch_size // process_count, drop_remainder=True)
+  if data_cfg.prefetch_batches:
+    # Packing runs in Python; a thread overlaps it with the device's step.
+    ds = grain.experimental.ThreadPrefetchIterDataset(
+        ds, prefetch_buffer_size=data_cfg.prefetch_batches)
+  return ds
 
 
 def make_eval_batches(data_cfg, tok, *, seq_len: int, batch_size: int,

@@ -107,11 +107,6 @@ class Encoder:
       raise RecordError("template_error", str(e).strip() or
                         type(e).__name__) from None
 
-  def _tokenize(self, text: str, add_special_tokens: bool):
-    enc = self.tok(text, add_special_tokens=add_special_tokens,
-                   return_offsets_mapping=True)
-    return list(enc["input_ids"]), list(enc["offset_mapping"])
-
   def reply_spans(self, messages) -> tuple[str, list[tuple[int, int]]]:
     """The full rendering and the supervised character span of each reply."""
     full = self._render(messages, False)
@@ -145,42 +140,41 @@ class Encoder:
         return_assistant_tokens_mask=True, **self._specials)
     return [tuple(s) for s in indices[0]]
 
-  def encode(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (input_ids int32 [L], loss_mask uint8 [L]) before shifting."""
+  def _plan(self, ex: Example):
+    """(text, add_special_tokens, supervised spans or None for all, add_eos,
+    messages to check against generation markers or None)."""
     if ex.kind == "text":
-      ids, _ = self._tokenize(ex.text, True)
-      eos = self.tok.eos_token_id
-      if eos is not None and (not ids or ids[-1] != eos):
-        ids.append(eos)
-      mask = np.ones(len(ids), np.uint8)
-    elif ex.kind == "prompt_completion" and not (
-        self.template and self.prompt_as_user_turn):
+      return ex.text, True, None, True, None
+    if ex.kind == "prompt_completion" and not (self.template and
+                                               self.prompt_as_user_turn):
       text = ex.prompt + ex.completion
-      ids, offsets = self._tokenize(text, True)
-      mask = _overlap_mask(offsets, [(len(ex.prompt), len(text))])
-      eos = self.tok.eos_token_id
-      if eos is not None:
-        ids.append(eos)
-        mask = np.append(mask, np.uint8(1))
-      if self.mask_policy == "all":
-        mask[:] = 1
-    else:
-      if not self.template:
-        raise DataError("chat data needs a chat template, and the tokenizer "
-                        "has none: set data.chat_template")
-      messages = ex.messages
-      if ex.kind == "prompt_completion":
-        messages = ([{"role": "system", "content": ex.system}]
-                    if ex.system else []) + [
-                        {"role": "user", "content": ex.prompt},
-                        {"role": "assistant", "content": ex.completion}]
-      full, spans = self.reply_spans(messages)
-      ids, offsets = self._tokenize(full, False)
-      mask = _overlap_mask(offsets, spans)
-      if self.has_markers and self.mask_policy != "all":
-        self._check_markers(messages, ids, offsets, mask)
-      if self.mask_policy == "all":
-        mask[:] = 1
+      return text, True, [(len(ex.prompt), len(text))], True, None
+    if not self.template:
+      raise DataError("chat data needs a chat template, and the tokenizer has "
+                      "none: set data.chat_template")
+    messages = ex.messages
+    if ex.kind == "prompt_completion":
+      messages = ([{"role": "system", "content": ex.system}]
+                  if ex.system else []) + [
+                      {"role": "user", "content": ex.prompt},
+                      {"role": "assistant", "content": ex.completion}]
+    full, spans = self.reply_spans(messages)
+    check = messages if self.has_markers and self.mask_policy != "all" else None
+    return full, False, spans, False, check
+
+  def _finish(self, plan, ids, offsets):
+    _, _, spans, add_eos, check = plan
+    ids = list(ids)
+    mask = (np.ones(len(ids), np.uint8) if spans is None
+            else _overlap_mask(offsets, spans))
+    if check is not None:
+      self._check_markers(check, ids, offsets, mask)
+    eos = self.tok.eos_token_id
+    if add_eos and eos is not None and (not ids or ids[-1] != eos):
+      ids.append(eos)  # the end of a completion or document is learned
+      mask = np.append(mask, np.uint8(1))
+    if self.mask_policy == "all":
+      mask[:] = 1
     bos = self.tok.bos_token_id
     if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
       raise DataError("double BOS: the rendered text starts with BOS and the "
@@ -190,6 +184,39 @@ class Encoder:
                         "no token carries the loss under mask policy "
                         f"{self.mask_policy!r}")
     return np.asarray(ids, np.int32), mask
+
+  def encode_batch(self, examples: list) -> list:
+    """encode() over many examples with one batched tokenizer call.
+
+    Returns, per example, (input_ids, loss_mask) or the RecordError that
+    rejects it; DataError (a template or tokenizer problem) propagates.
+    """
+    plans, out = [], [None] * len(examples)
+    for k, ex in enumerate(examples):
+      try:
+        plans.append((k, self._plan(ex)))
+      except RecordError as e:
+        out[k] = e
+    for special in (True, False):
+      group = [(k, p) for k, p in plans if p[1] == special]
+      if not group:
+        continue
+      enc = self.tok([p[0] for _, p in group], add_special_tokens=special,
+                     return_offsets_mapping=True)
+      for (k, p), ids, offsets in zip(group, enc["input_ids"],
+                                      enc["offset_mapping"]):
+        try:
+          out[k] = self._finish(p, ids, offsets)
+        except RecordError as e:
+          out[k] = e
+    return out
+
+  def encode(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (input_ids int32 [L], loss_mask uint8 [L]) before shifting."""
+    (result,) = self.encode_batch([ex])
+    if isinstance(result, RecordError):
+      raise result
+    return result
 
   def _check_markers(self, messages, ids, offsets, mask):
     spans = self._marker_spans(messages)
