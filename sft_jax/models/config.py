@@ -325,6 +325,10 @@ class ModelConfig:
         torch_dtype=self.param_dtype,
     )
     out.setdefault("architectures", [_ARCHITECTURES[self.model_type]])
+    if self.model_type == "mistral":
+      # transformers reads a mistral config with layer_types as "ministral";
+      # mistral's layers are all alike, so sliding_window says it all.
+      del out["layer_types"]
     if self.model_type.startswith("gemma"):
       out["hidden_activation"] = acts[self.activation]
     if self.model_type == "qwen2":
