@@ -17,10 +17,10 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 from typing import Any
 
-import numpy as np
+import jax
+import jax.numpy as jnp
 import safetensors.numpy
 
 from sft_jax import models
@@ -32,12 +32,6 @@ GENERATION_CONFIG = "generation_config.json"
 
 # Merged checkpoints are split into shards of at most this size.
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-
-# peft adapter names: base_model.model.<module path>.lora_{A,B}.weight
-_PEFT_NAME = re.compile(
-    r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?"
-    r"\.weight$")
-
 
 def _write_json(path: str, value: dict[str, Any]) -> None:
   with open(path, "w", encoding="utf-8") as f:
@@ -162,34 +156,13 @@ def export_adapter(model_cfg, lora, out_dir: str, *, base_model: str,
   if not tensors:
     raise ValueError(f"LoRA targets {model_cfg.lora.targets!r} matched no "
                      "module: the adapter would be empty")
-  modules = set()
-  for name in tensors:
-    m = _PEFT_NAME.match(name)
-    if not m:
-      raise ValueError(f"unexpected adapter tensor name {name!r}")
-    modules.add(m.group("module").rsplit(".", 1)[-1])
   if dtype is not None:
-    tensors = {k: np.asarray(v).astype(dtype) for k, v in tensors.items()}
-  tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-  lcfg = model_cfg.lora
-  adapter_config = {
-      "base_model_name_or_path": base_model,
-      "peft_type": "LORA",
-      "task_type": "CAUSAL_LM",
-      "r": int(lcfg.rank),
-      "lora_alpha": float(lcfg.alpha),
-      "use_rslora": bool(lcfg.rslora),
-      "target_modules": sorted(modules),
-      "lora_dropout": 0.0,
-      "bias": "none",
-      "fan_in_fan_out": False,
-      "inference_mode": True,
-      "init_lora_weights": True,
-      "modules_to_save": None,
-      "use_dora": False,
-      "rank_pattern": {},
-      "alpha_pattern": {},
-  }
+    tensors = {k: v.astype(jnp.dtype(dtype)) for k, v in tensors.items()}
+  adapter_config = models.peft_config(lora, model_cfg, base_model)
+  # Explicit values for the settings peft would otherwise default, so the
+  # file reads the same under any peft version.
+  adapter_config.update(init_lora_weights=True, modules_to_save=None,
+                        use_dora=False, rank_pattern={}, alpha_pattern={})
   os.makedirs(out_dir, exist_ok=True)
   safetensors.numpy.save_file(tensors, os.path.join(out_dir, ADAPTER_WEIGHTS),
                               metadata={"format": "pt"})
@@ -215,6 +188,10 @@ def read_adapter_config(adapter_dir: str) -> dict[str, Any]:
       "modules_to_save": bool(config.get("modules_to_save")),
       "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
       "bias": config.get("bias", "none") != "none",
+      "lora_bias": bool(config.get("lora_bias")),
+      "layers_to_transform": config.get("layers_to_transform") is not None,
+      "exclude_modules": bool(config.get("exclude_modules")),
+      "trainable_token_indices": bool(config.get("trainable_token_indices")),
   }
   bad = [k for k, v in unsupported.items() if v]
   if bad:
@@ -277,13 +254,6 @@ def load_peft_adapter(adapter_dir: str, model_cfg):
   # accept either spelling.
   tensors = {re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", k)
              : v for k, v in tensors.items()}
-  return models.lora_from_peft(tensors, model_cfg)
-
-
-def copy_tokenizer_dir(src: str, out_dir: str) -> None:
-  """Copies every file of a tokenizer directory (verbatim)."""
-  os.makedirs(out_dir, exist_ok=True)
-  for name in os.listdir(src):
-    path = os.path.join(src, name)
-    if os.path.isfile(path):
-      shutil.copyfile(path, os.path.join(out_dir, name))
+  shapes = jax.eval_shape(
+      lambda: models.init(model_cfg, jax.random.key(0))["lora"])
+  return models.lora_from_peft(tensors, model_cfg, shapes, source=path)
