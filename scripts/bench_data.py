@@ -71,6 +71,7 @@ def main():
   parser.add_argument("--batches", type=int, default=200)
   parser.add_argument("--packing", default="first_fit",
                       choices=("first_fit", "best_fit", "pad"))
+  parser.add_argument("--tokenize-workers", type=int, default=4)
   parser.add_argument("--tokenizer", default="")
   parser.add_argument("--workdir", default="")
   args = parser.parse_args()
@@ -80,6 +81,7 @@ def main():
   os.makedirs(work, exist_ok=True)
   corpus = os.path.join(work, "chat.jsonl")
   _corpus(corpus, args.records, np.random.default_rng(0))
+  print(f"{os.cpu_count()} CPUs; {args.records} synthetic chat records")
   tok_dir = args.tokenizer or os.path.join(work, "tok")
   if not args.tokenizer:
     _train_tokenizer(tok_dir, corpus)
@@ -88,6 +90,7 @@ def main():
   cfg = data.default_config()
   cfg.cache_dir = os.path.join(work, f"cache-{time.time_ns()}")
   cfg.packing = args.packing
+  cfg.tokenize_workers = args.tokenize_workers
   cfg.sources.chat = data.source_config(path=corpus)
   t0 = time.perf_counter()
   src = data.prepare_source("chat", cfg.sources.chat, cfg, tok,

@@ -76,6 +76,16 @@ def test_batches_follow_the_contract_and_segments_are_isolated(cfg, tok):
       assert v.dtype == (np.float32 if k == "loss_mask" else np.int32), k
     pad = b["segment_ids"] == 0
     assert (b["loss_mask"][pad] == 0).all() and (b["tokens"][pad] == 0).all()
+    # The model's attention rule, applied to the batch: every query sees
+    # exactly its own example's tokens up to itself.
+    seg, pos = b["segment_ids"], b["positions"]
+    visible = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+               & (pos[:, None, :] <= pos[:, :, None]))
+    for r in range(4):
+      for t in np.flatnonzero(seg[r]):
+        start = t - pos[r, t]
+        assert np.flatnonzero(visible[r, t]).tolist() == list(
+            range(start, t + 1))
     for row in b["segment_ids"]:
       ids = row[row > 0]
       # Contiguous segments numbered 1..S, at most max_segments_per_row.
@@ -234,3 +244,27 @@ def test_best_fit_packs_at_least_as_tightly(cfg, tok):
     return np.mean([(next(it)["segment_ids"] > 0).mean() for _ in range(8)])
   pad, first, best = fill("pad"), fill("first_fit"), fill("best_fit")
   assert pad < first <= best + 0.02
+
+
+def test_worker_processes_build_the_same_cache(tmp_path, tok, monkeypatch):
+  bad = ['{"messages": 3}', "{oops"]
+  lines = [json.dumps(r) for r in _chats("gamma", 30)]
+  lines[7:7] = bad
+  path = tmp_path / "w.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  built = {}
+  for workers in (1, 2):
+    monkeypatch.setattr(cache_lib, "_CHUNK", 4)
+    monkeypatch.setattr(cache_lib, "_INLINE_CHUNKS", 1)
+    src = data.source_config(path=str(path))
+    built[workers] = cache_lib.tokenize_source(
+        "w", src, tok, tok.chat_template,
+        cache_dir=str(tmp_path / f"cache{workers}"), workers=workers)
+  one, two = built[1], built[2]
+  np.testing.assert_array_equal(one.ids, two.ids)
+  np.testing.assert_array_equal(one.mask, two.mask)
+  np.testing.assert_array_equal(one.offsets, two.offsets)
+  assert [one.where(i) for i in range(len(one))] == [
+      two.where(i) for i in range(len(two))]
+  assert one.drops.to_json() == two.drops.to_json()
+  assert dict(one.drops.counts) == {"missing_field": 1, "malformed_json": 1}

@@ -1,13 +1,28 @@
-"""Data: raw records -> packed, loss-masked batches (see pipeline.py).
+"""Data: raw records -> packed, loss-masked batches.
 
 Public API:
-  default_config(), source_config(**kw)      the `data` config section
-  load_tokenizer(path, chat_template=None)    a tokenizer with the template
-  chat_template(data_cfg, tok)                the exact template data uses
-  make_train_pipeline(data_cfg, tok, *, seq_len, batch_size, ...)
-  make_eval_batches(data_cfg, tok, *, seq_len, batch_size, ...)
-  source_names(data_cfg), eval_source_names(data_cfg)
-  DataError                                   raised for bad data/config
+  default_config() / source_config(**kw)     the `data` config section
+  load_tokenizer(path_or_hub_id, chat_template=None)
+  chat_template(data_cfg, tok) -> str | None  the exact template data uses
+  make_train_pipeline(data_cfg, tok, *, seq_len, batch_size, process_index=0,
+                      process_count=1, seed=0) -> grain.IterDataset
+  make_eval_batches(data_cfg, tok, *, seq_len, batch_size, process_index=0,
+                    process_count=1) -> {eval set name: [batch, ...]}
+  source_names(data_cfg) / eval_source_names(data_cfg)   index = source_id
+  prepare_source(name, src_cfg, data_cfg, tok, *, seq_len)  tokenized + fitted
+  DataError                                   bad data or configuration
+
+Decisions:
+  - Masks come from rendering each conversation prefix by prefix (render.py),
+    so templates without {% generation %} markers get correct masks; with
+    markers both are computed and must agree (whitespace-only tokens aside).
+  - prompt_completion with a chat template renders the prompt as a user turn
+    and the completion as the reply (source key prompt_as_user_turn=False:
+    plain concatenation, tokenizer BOS, completion + EOS supervised). Raw text
+    gets the tokenizer's BOS, an EOS, and loss on every token.
+  - Lengths are fitted after the cache (too_long: drop, or cut the prompt from
+    the left keeping the final reply and BOS; raw text keeps its head).
+  - batch_size is global; each process gets batch_size // process_count rows.
 """
 
 from sft_jax.data.config import default_config

@@ -13,6 +13,7 @@ Layout of one entry: ids.bin (int32), mask.bin (uint8), offsets.npy
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -74,75 +75,104 @@ def _split_where(where: str) -> tuple[str, str, int]:
   return where[:cut], where[cut], int(where[cut + 1:])
 
 
+_CHUNK = 64  # records per batched tokenizer call
+_INLINE_CHUNKS = 16  # a source longer than this many chunks gets workers
+_WORKER_ENCODER = None  # set in each tokenizer worker process
+
+
+def _init_worker(tok, template, mask, prompt_as_user_turn):
+  global _WORKER_ENCODER
+  _WORKER_ENCODER = render.Encoder(tok, template, mask, prompt_as_user_turn)
+
+
+def _encode_chunk(items, encoder=None):
+  """[(where, Example | RecordError)] -> [(where, (ids, mask) | RecordError)]."""
+  encoder = encoder or _WORKER_ENCODER
+  results = iter(encoder.encode_batch(
+      [x for _, x in items if not isinstance(x, RecordError)]))
+  return [(w, x if isinstance(x, RecordError) else next(results))
+          for w, x in items]
+
+
 def encode_records(src, tok, template, *, strict: bool, drops: DropLog,
-                   chunk: int = 64):
+                   workers: int = 1):
   """Yields the detected format first, then (where, ids, mask) per kept record.
 
-  Rejected records are counted in `drops` (or raise DataError when strict).
-  Records are tokenized `chunk` at a time in one batched tokenizer call.
+  Rejected records are counted in `drops` (or raise DataError when strict, at
+  the first bad record in file order). Records are tokenized in chunks with
+  one batched tokenizer call each; past the first few chunks (a large
+  source), chunks go to `workers` spawned processes, in order.
   """
-  fmt = src.format
+  fmt = [src.format]
   encoder = render.Encoder(tok, template, src.mask, src.prompt_as_user_turn)
-  if strict:
-    chunk = 1  # report the first bad record in file order
 
-  def reject(where, e):
-    if strict:
-      raise DataError(f"{where}: {e.reason}: {e.detail}")
-    drops.add(e.reason, where, e.detail)
-
-  announced = False
-  pending = []  # (where, Example)
-  records = sources.read_records(src)
-  while True:
-    done = True
-    for where, record in records:
+  def chunks():
+    items = []
+    for where, record in sources.read_records(src):
       try:
         if isinstance(record, RecordError):
           raise record
-        if fmt == "auto":
-          fmt = formats.detect(record, src.fields)
-        pending.append((where, formats.to_example(record, fmt, src.fields)))
+        if fmt[0] == "auto":
+          fmt[0] = formats.detect(record, src.fields)
+        items.append((where, formats.to_example(record, fmt[0], src.fields)))
       except RecordError as e:
-        reject(where, e)
-      if len(pending) >= chunk:
-        done = False
-        break
-    if not announced:
-      announced = True
-      yield fmt
-    results = encoder.encode_batch([ex for _, ex in pending])
-    for (where, _), result in zip(pending, results):
+        items.append((where, e))
+      if len(items) == _CHUNK:
+        yield items
+        items = []
+    if items:
+      yield items
+
+  def encoded(stream):
+    yield _encode_chunk(next(stream, []), encoder)
+    for n, items in enumerate(stream):
+      if workers > 1 and n >= _INLINE_CHUNKS:
+        import multiprocessing  # pylint: disable=g-import-not-at-top
+        # spawn, not fork: the parent may hold JAX or tokenizer threads.
+        with multiprocessing.get_context("spawn").Pool(
+            workers, _init_worker,
+            (tok, template, src.mask, src.prompt_as_user_turn)) as pool:
+          yield from pool.imap(_encode_chunk, itertools.chain([items], stream))
+        return
+      yield _encode_chunk(items, encoder)
+
+  results = encoded(chunks())
+  first = next(results)  # reads the first chunk: the format is known now
+  yield fmt[0]
+  for items in itertools.chain([first], results):
+    for where, result in items:
       if isinstance(result, RecordError):
-        reject(where, result)
+        if strict:
+          results.close()
+          raise DataError(f"{where}: {result.reason}: {result.detail}")
+        drops.add(result.reason, where, result.detail)
       else:
         yield (where, *result)
-    pending = []
-    if done:
-      return
 
 
 def tokenize_source(name: str, src, tok, template: str | None, *,
-                    cache_dir: str, strict: bool = False) -> TokenizedSource:
+                    cache_dir: str, strict: bool = False,
+                    workers: int = 1) -> TokenizedSource:
   """Loads a source's tokens from the cache, building the entry if missing."""
   cache_dir = os.path.expanduser(cache_dir)
   key = cache_key(src, tok, template)
   path = os.path.join(cache_dir, f"{name}-{key}")
   if not os.path.exists(os.path.join(path, "meta.json")):
-    _build(path, src, tok, template, strict=strict)
+    _build(path, src, tok, template, strict=strict, workers=workers)
   out = _load(name, path)
   if strict and out.drops.total:
     raise out.drops.first_error(f"source {name!r}")
   return out
 
 
-def _build(path, src, tok, template, *, strict):
+def _build(path, src, tok, template, *, strict, workers):
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
   try:
     drops = DropLog()
     offsets, where_idx, files = [0], [], {}
-    stream = encode_records(src, tok, template, strict=strict, drops=drops)
+    stream = encode_records(src, tok, template, strict=strict, drops=drops,
+                            workers=workers)
     fmt = next(stream)
     with open(os.path.join(tmp, "ids.bin"), "wb") as fi, open(
         os.path.join(tmp, "mask.bin"), "wb") as fm:

@@ -74,6 +74,9 @@ def default_config() -> ml_collections.ConfigDict:
       max_segments_per_row=64,  # static cap on examples packed into one row
       shuffle=True,  # shuffle each source every epoch (seeded)
       cache_dir="~/.cache/sft_jax/data",  # tokenized-source cache
+      # Processes tokenizing a large source when its cache entry is built
+      # (sources of a few thousand records stay in-process).
+      tokenize_workers=4,
       read_threads=0,  # Grain threads reading examples (0: inline; the
       # cache is memory-mapped, so reads are cheap and threads mostly contend)
       prefetch_batches=2,  # batches built ahead in a background thread

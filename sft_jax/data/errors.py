@@ -21,6 +21,9 @@ class RecordError(Exception):
     self.reason = reason
     self.detail = detail
 
+  def __reduce__(self):  # crosses process boundaries (tokenizer workers)
+    return RecordError, (self.reason, self.detail)
+
 
 @dataclasses.dataclass
 class DropLog:

@@ -80,7 +80,8 @@ def prepare_source(name, src, data_cfg, tok, *, seq_len: int) -> PreparedSource:
   """Tokenizes (or loads from cache) one source and fits it to `seq_len`."""
   tokenized = cache.tokenize_source(
       name, src, tok, render.chat_template(data_cfg, tok),
-      cache_dir=data_cfg.cache_dir, strict=data_cfg.strict)
+      cache_dir=data_cfg.cache_dir, strict=data_cfg.strict,
+      workers=data_cfg.tokenize_workers)
   drops = DropLog()
   drops.merge(tokenized.drops)
   lengths = tokenized.lengths
@@ -112,8 +113,10 @@ def _prepare_all(data_cfg, tok, seq_len, group):
   prepared = [prepare_source(n, data_cfg[group][n], data_cfg, tok,
                              seq_len=seq_len) for n in names]
   for n, p in zip(names, prepared):
-    logging.info("data source %r: %d examples (%d truncated); %s", n,
-                 len(p.keep), p.truncated, p.drops.summary().replace("\n", ";"))
+    # Drops are a warning, so they show even where logging is not set up.
+    log = logging.warning if p.drops.total else logging.info
+    log("data source %r: %d examples (%d truncated); %s", n, len(p.keep),
+        p.truncated, p.drops.summary().replace("\n", ";"))
   return names, prepared
 
 
