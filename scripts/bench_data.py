@@ -71,7 +71,7 @@ def main():
   parser.add_argument("--batches", type=int, default=200)
   parser.add_argument("--packing", default="first_fit",
                       choices=("first_fit", "best_fit", "pad"))
-  parser.add_argument("--tokenize-workers", type=int, default=4)
+  parser.add_argument("--tokenize-workers", type=int, default=1)
   parser.add_argument("--tokenizer", default="")
   parser.add_argument("--workdir", default="")
   args = parser.parse_args()

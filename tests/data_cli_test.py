@@ -142,3 +142,20 @@ def get_config(arg=None):
   rc = cli.main(["data", "inspect", "--config", str(cfg),
                  "--config.data.nope=1"])
   assert rc == 1 and "nope" in capsys.readouterr().err
+
+
+def test_inspect_on_a_run_directory(files, tmp_path, capsys):
+  d, _ = files
+  from sft_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
+  c = data_config.default_config()
+  c.cache_dir = str(tmp_path / "cache")
+  c.sources.chat = data_config.source_config(path=str(d / "train.jsonl"))
+  run = tmp_path / "run"
+  run.mkdir()
+  (run / "config.json").write_text(json.dumps(
+      {"model": {"path": str(d / "tok")}, "train": {"seq_len": 96},
+       "data": json.loads(c.to_json())}))
+  assert cli.main(["data", "inspect", "--config", str(run), "--examples",
+                   "0"]) == 0
+  out = capsys.readouterr().out
+  assert "seq_len: 96" in out and "examples: 3 kept" in out

@@ -65,8 +65,8 @@ def _parser():
       "supervised tokens highlighted. Reads a run config (--config) or "
       "files (--tokenizer, --data, --eval-data).")
   insp.add_argument("--config", default="",
-                    help="run config `path.py[:arg]`; `--config.KEY=VALUE` "
-                    "overrides may follow")
+                    help="run config `path.py[:arg]` (`--config.KEY=VALUE` "
+                    "overrides may follow), or a run directory")
   _add_source_args(insp, "training FILE[,FILE...] or glob (repeatable: one "
                    "source each)")
   insp.add_argument("--eval-data", action="append", default=[],
@@ -140,15 +140,7 @@ def _dump(args) -> int:
 def _inspect_config(args, overrides):
   """(data config, tokenizer id, seq_len) from --config or from files."""
   if args.config:
-    try:
-      from sft_jax.train import config as train_config  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise DataError("--config needs sft_jax.train.config, which is not "
-                      f"available ({e}); give --tokenizer and --data") from e
-    try:
-      cfg = train_config.load_config(args.config, overrides)
-    except train_config.ConfigError as e:
-      raise DataError(f"--config {args.config}: {e}") from e
+    cfg = _load_run_config(args.config, overrides)
     data_cfg = cfg.data
     tokenizer = args.tokenizer or data_cfg.tokenizer or cfg.model.path
     seq_len = args.seq_len or cfg.train.seq_len
@@ -172,6 +164,31 @@ def _inspect_config(args, overrides):
       data_cfg[group][name] = config_lib.source_config(
           path=spec, format=args.format, mask=args.mask)
   return data_cfg, args.tokenizer, args.seq_len or 2048
+
+
+def _load_run_config(spec, overrides):
+  """A config file `path.py[:arg]`, or a run directory / its config.json."""
+  path = spec.partition(":")[0] if spec.endswith(".py") or ".py:" in spec \
+      else spec
+  if os.path.isdir(path) or path.endswith(".json"):
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+      raise DataError(f"{file}: no such run config")
+    with open(file, encoding="utf-8") as f:
+      cfg = ml_collections.ConfigDict(json.load(f))
+    if overrides:
+      raise DataError("--config.KEY overrides apply to .py configs only")
+    return cfg
+  try:
+    from sft_jax.train import config as train_config  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataError("--config needs sft_jax.train.config, which is not "
+                    f"available ({e}); give --tokenizer and --data") from e
+  try:
+    return train_config.load_config(spec, overrides)
+  except train_config.ConfigError as e:
+    raise DataError(f"--config {spec}: {e}") from e
 
 
 def _inspect(args, overrides) -> int:

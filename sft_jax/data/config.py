@@ -75,8 +75,9 @@ def default_config() -> ml_collections.ConfigDict:
       shuffle=True,  # shuffle each source every epoch (seeded)
       cache_dir="~/.cache/sft_jax/data",  # tokenized-source cache
       # Processes tokenizing a large source when its cache entry is built
-      # (sources of a few thousand records stay in-process).
-      tokenize_workers=4,
+      # (the first ~1k records stay in-process). Worth raising on many-core
+      # hosts; on 2 cores the batched tokenizer already uses both.
+      tokenize_workers=1,
       read_threads=0,  # Grain threads reading examples (0: inline; the
       # cache is memory-mapped, so reads are cheap and threads mostly contend)
       prefetch_batches=2,  # batches built ahead in a background thread

@@ -45,11 +45,11 @@ def packing_efficiency(p: pipeline.PreparedSource, data_cfg, tok, seq_len):
   if not len(p.keep):
     return 0.0
   import grain  # pylint: disable=g-import-not-at-top
-  ds = grain.MapDataset.source(p.keep).map(pipeline._example_loader(  # pylint: disable=protected-access
+  ds = grain.MapDataset.source(p.keep).map(pipeline.example_loader(
       p, 0, seq_len, data_cfg.too_long, tok.bos_token_id))
   real = total = 0
-  for row in pipeline._pack(ds.to_iter_dataset(), data_cfg, seq_len, 0,  # pylint: disable=protected-access
-                            shuffle_bins=False):
+  for row in pipeline.pack(ds.to_iter_dataset(), data_cfg, seq_len, 0,
+                           shuffle_bins=False):
     real += int((row["segment_ids"] > 0).sum())
     total += row["segment_ids"].size
   return real / total

@@ -120,7 +120,7 @@ def _prepare_all(data_cfg, tok, seq_len, group):
   return names, prepared
 
 
-def _example_loader(p: PreparedSource, source_id, seq_len, policy, bos_id):
+def example_loader(p: PreparedSource, source_id, seq_len, policy, bos_id):
   """Index -> shifted example dict of 1-D arrays."""
   def load(i):
     ids, mask = p.tokenized.example(int(i))
@@ -155,7 +155,7 @@ def _rename_packed(row):
           "source_id": row["source_id"]}
 
 
-def _pack(ds: grain.IterDataset, data_cfg, seq_len, seed, *, shuffle_bins):
+def pack(ds: grain.IterDataset, data_cfg, seq_len, seed, *, shuffle_bins):
   """Packs shifted examples into rows of exactly seq_len tokens."""
   if data_cfg.packing == "pad":
     return ds.map(_pad_row(seq_len))
@@ -208,7 +208,7 @@ def make_train_pipeline(data_cfg, tok, *, seq_len: int, batch_size: int,
       # shuffle by epoch when indexing past the end).
       ds = ds.shuffle(seed=(seed * 1_000_003 + sid) % 2**32)
     ds = ds.repeat(None)[process_index::process_count]
-    ds = ds.map(_example_loader(p, sid, seq_len, data_cfg.too_long,
+    ds = ds.map(example_loader(p, sid, seq_len, data_cfg.too_long,
                                 tok.bos_token_id))
     streams.append(ds)
     weights.append(weight)
@@ -218,7 +218,7 @@ def make_train_pipeline(data_cfg, tok, *, seq_len: int, batch_size: int,
   ds = mixed.to_iter_dataset(grain.ReadOptions(
       num_threads=data_cfg.read_threads,
       prefetch_buffer_size=4 * data_cfg.read_threads))
-  ds = _pack(ds, data_cfg, seq_len, seed, shuffle_bins=True)
+  ds = pack(ds, data_cfg, seq_len, seed, shuffle_bins=True)
   ds = ds.batch(batch_size // process_count, drop_remainder=True)
   if data_cfg.prefetch_batches:
     # Packing runs in Python; a thread overlaps it with the device's step.
@@ -247,9 +247,9 @@ def make_eval_batches(data_cfg, tok, *, seq_len: int, batch_size: int,
   rows = slice(process_index * local, (process_index + 1) * local)
   out = {}
   for sid, (name, p) in enumerate(zip(names, prepared)):
-    ds = grain.MapDataset.source(p.keep).map(_example_loader(
+    ds = grain.MapDataset.source(p.keep).map(example_loader(
         p, sid, seq_len, data_cfg.too_long, tok.bos_token_id))
-    packed = _pack(ds.to_iter_dataset(), data_cfg, seq_len, 0,
+    packed = pack(ds.to_iter_dataset(), data_cfg, seq_len, 0,
                    shuffle_bins=False)
     batches = []
     for b in packed.batch(batch_size, drop_remainder=False):
