@@ -279,3 +279,49 @@ def test_bad_input_gives_clear_errors(fake, tmp_path):
                     train_command=train)
   assert not os.path.exists(tmp_path / "w")  # nothing ran
   assert sweep.main([str(tmp_path / "missing.py"), "--workdir", "w"]) == 2
+
+
+def test_real_tiny_training_sweep(tmp_path):
+  """Two points of configs/tiny.py trained by the real `sft-jax train`."""
+  import tiny_tok  # pylint: disable=g-import-not-at-top
+  tiny_tok.make_tokenizer(tmp_path / "tok")
+  with open(tmp_path / "train.jsonl", "w") as f:
+    for i in range(40):
+      f.write(json.dumps({"messages": [
+          {"role": "user", "content": f"what is {i} plus two?"},
+          {"role": "assistant", "content": f"It is {i + 2}."}]}) + "\n")
+  exp = tmp_path / "tiny_exp.py"
+  exp.write_text(textwrap.dedent(f"""
+      from sft_jax.train import config as config_lib
+
+      def get_config(arg=None):
+        c = config_lib.get_config_from_file(
+            "configs/tiny.py:data={tmp_path / 'train.jsonl'},"
+            "tokenizer={tmp_path / 'tok'},steps=3")
+        c.log.every_steps = 1
+        c.data.cache_dir = "{tmp_path / 'cache'}"
+        return c
+
+      def get_sweep(arg=None):
+        return [{{"optim.lr": 1e-3}}, {{"optim.lr": 3e-3}}]
+  """))
+  workdir = str(tmp_path / "sw")
+  assert sweep.run_sweep(str(exp), workdir, parallel=2,
+                         check_config=sweep._check_with_train_config) == 0
+  points = sweep.sweep_points(str(exp), workdir)
+  rows = list(csv.DictReader(open(os.path.join(workdir, "summary.csv"))))
+  for point, row in zip(points, rows):
+    assert point.done and row["status"] == "done" and row["step"] == "3"
+    resolved = json.load(open(os.path.join(point.workdir, "config.json")))
+    assert resolved["optim"]["lr"] == point.overrides["optim.lr"]
+    losses = [r["train/loss"] for r in sweep.read_metrics(
+        os.path.join(point.workdir, "metrics.jsonl")) if "train/loss" in r]
+    assert len(losses) == 3
+    assert float(row["train/loss final"]) == pytest.approx(losses[-1])
+    assert float(row["train/loss best"]) == pytest.approx(min(losses))
+  # Re-running trains nothing: every point is finished.
+  mtimes = [os.path.getmtime(os.path.join(p.workdir, "metrics.jsonl"))
+            for p in points]
+  assert sweep.run_sweep(str(exp), workdir) == 0
+  assert mtimes == [os.path.getmtime(os.path.join(p.workdir, "metrics.jsonl"))
+                    for p in points]

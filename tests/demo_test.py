@@ -1,0 +1,126 @@
+"""Tests for sft_jax/demo: the generated task, the corpus, the tiny demo run."""
+
+import glob
+import json
+import math
+import os
+import re
+
+import pytest
+
+from sft_jax.demo import assets
+from sft_jax.demo import cli
+from sft_jax.demo import corpus
+from sft_jax.demo import task
+
+
+def test_task_answers_are_the_sentence_fields_and_held_out_is_disjoint():
+  train, held_out = task.make_splits(300, 50, seed=3)
+  assert (len(train), len(held_out)) == (300, 50)
+  sentences = [r["messages"][0]["content"] for r in train + held_out]
+  assert len(set(sentences)) == 350
+  for record in train + held_out:
+    user, reply = (m["content"] for m in record["messages"])
+    fields = json.loads(reply)
+    assert list(fields) == ["name", "item", "quantity", "city", "day"]
+    sentence = user.split("\n", 1)[1]
+    for key in ("name", "city", "day"):
+      assert fields[key] in sentence
+    qty = fields["quantity"]
+    assert (re.search(rf"\b{qty}\b", sentence)
+            or task._NUMBER_WORDS[qty - 1] in sentence.split())
+    assert fields["item"] in sentence  # the plural contains the singular...
+    if qty > 1:  # ...except irregular ones, which the table lists
+      plural = dict(task.ITEMS)[fields["item"]]
+      assert plural in sentence
+    assert reply == task.answer(fields)
+  # Deterministic from the seed.
+  assert task.make_splits(300, 50, seed=3) == (train, held_out)
+
+
+def test_task_score():
+  ref = task.answer({"name": "Mei Lin", "item": "lamp", "quantity": 2,
+                     "city": "Oslo", "day": "Monday"})
+  assert task.score(ref, ref) == {"exact_match": 1.0, "json_valid": 1.0,
+                                  "fields_correct": 1.0}
+  spaced = json.dumps(json.loads(ref))  # same object, other spacing
+  assert task.score(spaced, ref) == {"exact_match": 0.0, "json_valid": 1.0,
+                                     "fields_correct": 1.0}
+  assert task.score('{"name": "Mei', ref)["json_valid"] == 0.0
+
+
+def test_corpus_chunks_fit_and_splits_use_disjoint_conversations():
+  train, held_out = corpus.make_splits(30, 5, max_chars=200, seed=1)
+  assert len(train) >= 30 and len(held_out) >= 5
+  for r in train + held_out:
+    assert 0 < len(r["text"]) <= 200
+    assert all(re.match(r"[AB]: ", line) for line in r["text"].split("\n"))
+  assert not {r["text"] for r in train} & {r["text"] for r in held_out}
+
+
+def _events(logdir):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(logdir)
+  acc.Reload()
+  return {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+          for tag in acc.Tags()["scalars"]}
+
+
+def test_tiny_demo_runs_end_to_end_and_reruns_as_a_no_op(tmp_path, capsys):
+  root = str(tmp_path / "demo")
+  assert cli.run(root, "tiny") == 0
+  out = capsys.readouterr().out
+  assert "demo.png" in out and "tensorboard --logdir" in out
+
+  results = json.load(open(os.path.join(root, "results.json")))
+  size = assets.SIZES["tiny"]
+  before, after = results["before"], results["after"]
+  assert [r["share"] for r in after] == list(size.shares)
+  vocab = json.load(open(os.path.join(root, "base", "config.json")))[
+      "vocab_size"]
+  for row in [before] + after:
+    for name in ("exact_match", "json_valid"):
+      assert 0.0 <= row[name] <= 1.0
+    for name in ("domain_loss", "general_loss"):
+      # Trained a little: finite and below a uniform guess over the vocab.
+      assert 0.0 < row[name] < math.log(vocab)
+  assert before["step"] == size.cpt_steps
+  assert all(r["step"] == size.sft_steps for r in after)
+  # Continued pretraining lowers the held-out chat loss...
+  cpt_curve = results["curves"]["cpt"]
+  assert cpt_curve[-1][1] < cpt_curve[0][1]
+  # ...SFT on the task lowers the task loss, and the run with general data
+  # mixed in ends with a lower general loss than the run without.
+  assert after[0]["domain_loss"] < before["domain_loss"]
+  assert after[-1]["general_loss"] < after[0]["general_loss"]
+
+  # The numbers are the runs' final evaluations, as logged.
+  last = {}
+  for line in open(os.path.join(root, "cpt", "metrics.jsonl")):
+    last.update(json.loads(line))
+  assert before["general_loss"] == last["eval/general/loss"]
+  assert before["exact_match"] == last["eval/gen/exact_match"]
+
+  with open(os.path.join(root, "demo.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  table = open(os.path.join(root, "results.md")).read()
+  assert table.count("after SFT") == len(size.shares)
+  assert os.path.exists(os.path.join(root, "sft", "summary.csv"))
+
+  # TensorBoard: each run's curves, and the summary against the share.
+  assert glob.glob(os.path.join(root, "cpt", "tb", "events.*"))
+  summary = _events(os.path.join(root, "tb_summary"))
+  assert summary["demo/after_sft/general_loss"] == [
+      (int(round(100 * r["share"])), pytest.approx(r["general_loss"]))
+      for r in after]
+  cpt_events = _events(os.path.join(root, "cpt", "tb"))
+  assert cpt_events["eval/general/loss"][-1][1] == pytest.approx(
+      before["general_loss"])
+
+  # A second run finds every stage done and trains nothing.
+  mtimes = {p: os.path.getmtime(p) for p in glob.glob(
+      os.path.join(root, "**", "metrics.jsonl"), recursive=True)}
+  assert cli.run(root, "tiny") == 0
+  assert "already finished" in capsys.readouterr().out
+  assert mtimes == {p: os.path.getmtime(p) for p in mtimes}
+  assert json.load(open(os.path.join(root, "results.json"))) == results
