@@ -142,3 +142,19 @@ def test_no_supervised_tokens_is_reported():
     render.Encoder(tok, drop, "assistant").encode(
         Example("chat", messages=CHATS["single"]))
   assert e.value.reason == "no_supervised_tokens"
+
+
+def test_masks_do_not_depend_on_trimmed_offsets():
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  chat = [{"role": "user", "content": "Hello  there\n\nyou"},
+          {"role": "assistant", "content": "It  is\n\n four .  "}]
+  masks = []
+  for trim in (False, True):
+    tok = tiny_tok.make_tokenizer(add_bos=False)
+    tok.backend_tokenizer.post_processor = tokenizers.processors.ByteLevel(
+        trim_offsets=trim)
+    ids, mask = render.Encoder(tok, tok.chat_template, "assistant").encode(
+        Example("chat", messages=chat))
+    assert tok.decode(ids[mask > 0]) == chat[1]["content"] + "<|im_end|>"
+    masks.append(mask.tolist())
+  assert masks[0] == masks[1]

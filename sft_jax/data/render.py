@@ -73,12 +73,20 @@ def tokenizer_fingerprint(tok) -> str:
 
 
 def _overlap_mask(offsets, spans) -> np.ndarray:
-  """1 for tokens whose [start, end) character range overlaps any span."""
+  """1 for tokens whose character range overlaps any [start, end) span.
+
+  A token's range is widened back to where the previous token ended:
+  tokenizers that trim offsets (ByteLevel trim_offsets=True) report a lone
+  space as zero-width, and it must still count as part of the reply.
+  """
   mask = np.zeros(len(offsets), np.uint8)
-  if not spans:
+  if not spans or not len(offsets):
     return mask
   starts = np.array([o[0] for o in offsets])
   ends = np.array([o[1] for o in offsets])
+  prev_end = np.concatenate([[0], np.maximum.accumulate(ends)[:-1]])
+  starts = np.minimum(starts, prev_end)
+  ends = np.maximum(ends, starts + 1)
   for s, e in spans:
     mask |= ((starts < e) & (ends > s)).astype(np.uint8)
   return mask
