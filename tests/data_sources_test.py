@@ -189,3 +189,21 @@ def test_raw_text_source_supervises_every_token(tmp_path):
   seg = b["segment_ids"][0]
   assert (seg[:n] == 1).all() and seg[n] != 1
   assert b["loss_mask"][0, :n].all() and not b["loss_mask"][0, seg == 0].any()
+
+
+def test_hub_source_calls_datasets_with_its_settings(tmp_path, monkeypatch):
+  import datasets  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def fake_load_dataset(path, **kw):
+    calls.append((path, kw))
+    return [{"prompt": "two plus two?", "completion": "four"}] * 2
+  monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+  tok = tiny_tok.make_tokenizer()
+  c = _cfg(tmp_path, "someorg/some_set", split="validation", subset="v2",
+           revision="abc123")
+  src = data.prepare_source("s", c.sources.s, c, tok, seq_len=64)
+  assert calls == [("someorg/some_set", dict(
+      name="v2", split="validation", revision="abc123", streaming=True))]
+  assert len(src.keep) == 2
+  assert src.tokenized.where(1) == "someorg/some_set[validation]#1"
