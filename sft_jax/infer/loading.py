@@ -45,24 +45,6 @@ def is_run_dir(path: str) -> bool:
   return os.path.isdir(os.path.join(path, "checkpoints"))
 
 
-def _tokenizer_files(run_dir: str, step: int | None):
-  """The exact tokenizer files saved with the checkpoint (or the run)."""
-  from sft_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
-  for candidate in (
-      os.path.join(run_dir, "checkpoints", str(step), "tokenizer"),
-      os.path.join(run_dir, "tokenizer")):
-    if step is not None and os.path.isdir(candidate):
-      files = checkpoint.read_files(candidate)
-      manifest = files.pop(checkpoint._FilesHandler._MANIFEST, None)  # pylint: disable=protected-access
-      if manifest is not None:
-        import json  # pylint: disable=g-import-not-at-top
-        names = json.loads(manifest)
-        files = {k: v for k, v in files.items() if k in names}
-      if files:
-        return files
-  return None
-
-
 def load(model: str, *, step: int | None = None, adapter: str | None = None,
          dtype: str | None = None, merge_lora: bool = False) -> Loaded:
   """Loads a run directory or a HF checkpoint (+ optional PEFT adapter).
@@ -81,7 +63,7 @@ def load(model: str, *, step: int | None = None, adapter: str | None = None,
         model_cfg=run.model_cfg, variables={"params": run.params},
         tokenizer=run.tokenizer, stop_ids=[], step=run.step,
         base_model=run.base_model, run_dir=model, config=run.config,
-        tokenizer_files=_tokenizer_files(model, run.step))
+        tokenizer_files=run.tokenizer_files or None)
     if run.lora is not None:
       loaded.variables["lora"] = run.lora
     extra = export.base_generation_config(run.base_model) or {}
