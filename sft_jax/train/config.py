@@ -59,14 +59,21 @@ def _resolve(path: str) -> pathlib.Path:
                     f"{os.getcwd()} and {_REPO_ROOT})")
 
 
-def get_config_from_file(spec: str) -> ConfigDict:
-  """Runs `get_config(arg)` of `path.py[:arg]`; the result is not locked."""
-  path, _, arg = spec.partition(":")
-  file = _resolve(path)
+def import_file(path) -> types.ModuleType:
+  """Imports a Python file by path (config files are not a package)."""
+  file = _resolve(str(path))
   module_spec = importlib.util.spec_from_file_location(
       f"_sft_jax_config_{file.stem}", file)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
+  return module
+
+
+def get_config_from_file(spec: str) -> ConfigDict:
+  """Runs `get_config(arg)` of `path.py[:arg]`; the result is not locked."""
+  path, _, arg = spec.partition(":")
+  file = _resolve(path)
+  module = import_file(file)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{file}: no get_config(arg) function")
   cfg = module.get_config(arg or None)
@@ -153,6 +160,22 @@ def parse_overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
     pairs.append((key, value))
     i += 1
   return pairs
+
+
+def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.KEY=VALUE` / `--config.KEY VALUE` from other args."""
+  overrides, rest, i = [], [], 0
+  argv = list(argv)
+  while i < len(argv):
+    if argv[i].startswith("--config."):
+      overrides.append(argv[i])
+      if "=" not in argv[i] and i + 1 < len(argv):
+        overrides.append(argv[i + 1])
+        i += 1
+    else:
+      rest.append(argv[i])
+    i += 1
+  return overrides, rest
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:

@@ -16,6 +16,7 @@ accumulation and the mesh shape change nothing but rounding.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -91,18 +92,39 @@ def model_config(cfg: config_dict.ConfigDict) -> "models.ModelConfig":
   return dataclasses.replace(
       models.ModelConfig.from_hf_config(hf), dtype=cfg.model.dtype,
       param_dtype=cfg.model.param_dtype, scan_layers=cfg.model.scan_layers,
-      remat=cfg.model.remat, attention_impl=cfg.model.attention, lora=lora)
+      remat=cfg.model.remat, attention_impl=cfg.model.attention,
+      lora=lora)
 
 
 def variable_shardings(cfg: config_dict.ConfigDict,
                        model_cfg: "models.ModelConfig",
                        mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
   """(shapes, shardings) of the model variables, without allocating them."""
-  shapes = jax.eval_shape(lambda rng: models.init(model_cfg, rng),
-                          jax.random.key(0))
   rules = sharding.rules_from_config(cfg.sharding.rules)
+  return _shapes_and_shardings(model_cfg, mesh, tuple(rules.items()))
+
+
+@functools.lru_cache(maxsize=16)
+def _shapes_and_shardings(model_cfg, mesh, rules: tuple):
+  shapes = jax.eval_shape(functools.partial(models.init, model_cfg),
+                          jax.random.key(0))
   axes = models.logical_axes(model_cfg)
-  return shapes, sharding.tree_shardings(axes, shapes, mesh, rules)
+  return shapes, sharding.tree_shardings(axes, shapes, mesh, dict(rules))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(model_cfg, mesh, rules: tuple, collection: str | None):
+  """A jitted `models.init` straight into shards, cached per model and mesh.
+
+  With `collection`, only that part is returned, so XLA drops the rest of
+  the initialisation (e.g. "lora" alone next to loaded base weights).
+  """
+  _, shardings = _shapes_and_shardings(model_cfg, mesh, rules)
+  if collection is None:
+    return jax.jit(functools.partial(models.init, model_cfg),
+                   out_shardings=shardings)
+  return jax.jit(lambda rng: models.init(model_cfg, rng)[collection],
+                 out_shardings=shardings[collection])
 
 
 def load_or_init_model(cfg: config_dict.ConfigDict, mesh: jax.sharding.Mesh
@@ -114,23 +136,20 @@ def load_or_init_model(cfg: config_dict.ConfigDict, mesh: jax.sharding.Mesh
   with `out_shardings`. LoRA adapters are initialised the same way (B = 0, so
   the model starts equal to the base).
   """
-  model_cfg = model_config(cfg)
-  _, shardings = variable_shardings(cfg, model_cfg, mesh)
-  rng = jax.random.key(cfg.seed)
-  if cfg.model.init == "random" or not cfg.model.path:
-    init = jax.jit(lambda r: models.init(model_cfg, r), out_shardings=shardings)
-    return model_cfg, init(rng)
-  if cfg.model.init != "pretrained":
+  if cfg.model.init not in ("pretrained", "random"):
     raise ValueError(f"config model.init: unknown {cfg.model.init!r} "
                      "(pretrained | random)")
+  model_cfg = model_config(cfg)
+  rules = tuple(sharding.rules_from_config(cfg.sharding.rules).items())
+  _, shardings = _shapes_and_shardings(model_cfg, mesh, rules)
+  rng = jax.random.key(cfg.seed)
+  if cfg.model.init == "random" or not cfg.model.path:
+    return model_cfg, _jitted_init(model_cfg, mesh, rules, None)(rng)
   _, params = models.load_hf(cfg.model.path, dtype=cfg.model.param_dtype,
                              shardings=shardings["params"])
   variables = {"params": params}
   if "lora" in shardings:
-    # Only the "lora" output is kept, so XLA drops the base-weight init.
-    init = jax.jit(lambda r: models.init(model_cfg, r)["lora"],
-                   out_shardings=shardings["lora"])
-    variables["lora"] = init(rng)
+    variables["lora"] = _jitted_init(model_cfg, mesh, rules, "lora")(rng)
   return model_cfg, variables
 
 
@@ -418,19 +437,36 @@ def make_eval_step(cfg: config_dict.ConfigDict,
   return eval_step
 
 
+def _check_batch_split(cfg: config_dict.ConfigDict, mesh: jax.sharding.Mesh):
+  rows_per_shard = cfg.train.batch_size / (mesh.shape["data"] *
+                                           mesh.shape["fsdp"])
+  if rows_per_shard % cfg.train.grad_accum:
+    raise ValueError(
+        f"config train.batch_size={cfg.train.batch_size} must be a multiple "
+        f"of mesh data x fsdp ({mesh.shape['data']} x {mesh.shape['fsdp']}) "
+        f"x train.grad_accum ({cfg.train.grad_accum})")
+
+
 def jit_train_step(cfg: config_dict.ConfigDict, model_cfg: "models.ModelConfig",
-                   mesh: jax.sharding.Mesh, state_shardings: TrainState):
-  """`make_train_step` jitted once: explicit shardings, state donated."""
+                   mesh: jax.sharding.Mesh, state_shardings: TrainState,
+                   compiler_options: dict | None = None):
+  """`make_train_step` jitted once: explicit shardings, state donated.
+
+  compiler_options: XLA options passed to `jax.jit` (e.g. for tests).
+  """
+  _check_batch_split(cfg, mesh)
   batch_shard = sharding.batch_sharding(mesh)
   return jax.jit(make_train_step(cfg, model_cfg, mesh),
                  in_shardings=(state_shardings, batch_shard),
                  out_shardings=(state_shardings, sharding.replicated(mesh)),
-                 donate_argnums=0)
+                 donate_argnums=0, compiler_options=compiler_options)
 
 
 def jit_eval_step(cfg: config_dict.ConfigDict, model_cfg: "models.ModelConfig",
-                  mesh: jax.sharding.Mesh, state_shardings: TrainState):
+                  mesh: jax.sharding.Mesh, state_shardings: TrainState,
+                  compiler_options: dict | None = None):
   """`make_eval_step` jitted once with explicit shardings (no donation)."""
   return jax.jit(make_eval_step(cfg, model_cfg),
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.replicated(mesh))
+                 out_shardings=sharding.replicated(mesh),
+                 compiler_options=compiler_options)
