@@ -124,6 +124,7 @@ def test_generate_and_chat_on_the_run_match_transformers(run, merged,
                                                           capsys):
   workdir, _, _ = run
   want = _hf_reply(merged, "say 3", 12)
+  assert len(want) > 3  # a real reply, not an immediate end of turn
   assert cli.generate_main(["--model", workdir, "--prompt", "say 3",
                             "--max-new-tokens", "12"]) == 0
   assert capsys.readouterr().out == want + "\n"
@@ -133,6 +134,34 @@ def test_generate_and_chat_on_the_run_match_transformers(run, merged,
                        input_fn=lambda _: next(inputs),
                        print_fn=printed.append) == 0
   assert printed == [f"assistant> {want}"]
+
+
+def test_generate_from_a_file_and_raw(merged, tmp_path):
+  data, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+  _write_jsonl(data, [
+      {"prompt": "say 3"},
+      {"messages": [{"role": "user", "content": "say 5"}]},
+      {"messages": [{"role": "user", "content": "say 7"},
+                    {"role": "assistant", "content": "dropped"}]}])
+  assert cli.generate_main(["--model", merged, "--data", str(data),
+                            "--out", str(out), "--max-new-tokens", "12"]) == 0
+  with open(out) as f:
+    got = [json.loads(line)["completion"] for line in f]
+  assert got == [_hf_reply(merged, p, 12) for p in ("say 3", "say 5",
+                                                     "say 7")]
+  # --raw: plain text with the tokenizer's BOS, no template.
+  tok = transformers.AutoTokenizer.from_pretrained(merged)
+  ids = torch.tensor([tok("the number").input_ids])
+  assert ids[0, 0].item() == tok.bos_token_id
+  want = tiny_hf.load_hf(merged).generate(
+      ids, attention_mask=torch.ones_like(ids), do_sample=False,
+      max_new_tokens=12)
+  assert cli.generate_main(["--model", merged, "--prompt", "the number",
+                            "--raw", "--max-new-tokens", "12",
+                            "--out", str(out)]) == 0
+  with open(out) as f:
+    assert json.loads(f.readline())["completion"] == tok.decode(
+        want[0, ids.shape[1]:], skip_special_tokens=True)
 
 
 def test_eval_writes_tensorboard_and_samples(run, merged, tmp_path):

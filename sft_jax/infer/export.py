@@ -61,22 +61,13 @@ def generation_config(tokenizer, base: dict[str, Any] | None = None):
 def base_generation_config(base_model: str | None) -> dict[str, Any] | None:
   """The base model's generation_config.json as a dict, when it has one.
 
-  `base_model` is a local directory or a hub id (read from the hub cache or
-  downloaded); a base without the file gives None.
+  `base_model` is a local directory or a hub id (resolved like the weights:
+  the hub cache, else a download); a base without the file gives None.
   """
   if not base_model:
     return None
-  local = os.path.join(base_model, GENERATION_CONFIG)
-  if os.path.isdir(base_model):
-    if not os.path.exists(local):
-      return None
-    with open(local, encoding="utf-8") as f:
-      return json.load(f)
-  import huggingface_hub  # pylint: disable=g-import-not-at-top
-  from huggingface_hub import errors as hub_errors  # pylint: disable=g-import-not-at-top
-  try:
-    path = huggingface_hub.hf_hub_download(base_model, GENERATION_CONFIG)
-  except hub_errors.EntryNotFoundError:
+  path = os.path.join(models.resolve(base_model), GENERATION_CONFIG)
+  if not os.path.exists(path):
     return None
   with open(path, encoding="utf-8") as f:
     return json.load(f)
