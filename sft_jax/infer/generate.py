@@ -128,6 +128,18 @@ def _decode(variables, tokens_BxP, lengths_B, stop_ids_S, rng, *,
   return out_BxN, done_B & real_B
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The whole array on this host, also when it spans several processes
+  (multi-host evaluation inside training: every process decodes the same
+  prompts)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def generate(model_cfg, variables, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int, stop_ids: Sequence[int] = (),
              sampling: sampling_lib.Sampling = sampling_lib.GREEDY,
@@ -174,7 +186,7 @@ def generate(model_cfg, variables, prompts: Sequence[Sequence[int]], *,
         variables, tokens_BxP, lengths_B, stop_ids_S,
         jax.random.fold_in(rng, start), model_cfg=model_cfg,
         max_new_tokens=max_new_tokens, sampling=sampling)
-    out_BxN, done_B = np.asarray(out_BxN), np.asarray(done_B)
+    out_BxN, done_B = _to_host(out_BxN), _to_host(done_B)
     for i in range(len(chunk)):
       row = out_BxN[i]
       row = row[row >= 0].tolist()
