@@ -158,3 +158,15 @@ def test_masks_do_not_depend_on_trimmed_offsets():
     assert tok.decode(ids[mask > 0]) == chat[1]["content"] + "<|im_end|>"
     masks.append(mask.tolist())
   assert masks[0] == masks[1]
+
+
+def test_template_that_is_not_prefix_stable_is_a_record_error():
+  # Marks the final turn differently, so earlier renderings are rewritten.
+  shifty = tiny_tok.CHATML.replace(
+      "{{ '<|im_start|>' + m['role']",
+      "{{ ('FINAL ' if loop.last else '') + '<|im_start|>' + m['role']")
+  tok = tiny_tok.make_tokenizer(chat_template=shifty)
+  with pytest.raises(RecordError) as e:
+    render.Encoder(tok, shifty, "assistant").encode(
+        Example("chat", messages=CHATS["system_multi"]))
+  assert e.value.reason == "template_not_prefix_stable"

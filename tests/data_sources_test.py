@@ -207,3 +207,15 @@ def test_hub_source_calls_datasets_with_its_settings(tmp_path, monkeypatch):
       name="v2", split="validation", revision="abc123", streaming=True))]
   assert len(src.keep) == 2
   assert src.tokenized.where(1) == "someorg/some_set[validation]#1"
+
+
+def test_template_problem_stops_the_run_naming_the_record(tmp_path):
+  bad = tiny_tok.CHATML_GEN.replace(
+      "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}",
+      "{% generation %}{{ m['content'] }}{% endgeneration %}{{ '<|im_end|>' }}")
+  tok = tiny_tok.make_tokenizer(chat_template=bad)
+  path = tmp_path / "m.jsonl"
+  path.write_text("\n" + json.dumps(GOOD) + "\n")
+  c = _cfg(tmp_path, path)
+  with pytest.raises(data.DataError, match=rf"^{path}:2: .*disagree"):
+    data.prepare_source("s", c.sources.s, c, tok, seq_len=64)

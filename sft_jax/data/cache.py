@@ -141,6 +141,9 @@ def encode_records(src, tok, template, *, strict: bool, drops: DropLog,
   yield fmt[0]
   for items in itertools.chain([first], results):
     for where, result in items:
+      if isinstance(result, DataError):
+        results.close()
+        raise DataError(f"{where}: {result}")
       if isinstance(result, RecordError):
         if strict:
           results.close()

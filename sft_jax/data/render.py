@@ -127,11 +127,13 @@ class Encoder:
       upto = full if i == len(messages) - 1 else self._render(
           messages[:i + 1], False)
       if not (upto.startswith(prefix) and full.startswith(upto)):
-        raise DataError(
-            "the chat template is not prefix-stable (rendering the first "
-            f"{i} turns with a generation prompt, then turn {i}, does not "
-            "extend each time); assistant masks cannot be derived. Give a "
-            "prefix-stable template in data.chat_template.")
+        # Some templates rewrite earlier turns depending on what follows
+        # (e.g. dropping reasoning); no mask can be trusted for this record.
+        raise RecordError(
+            "template_not_prefix_stable",
+            f"rendering turns [:{i}] with a generation prompt, then turn {i}, "
+            "then the rest does not extend the text each time; give a "
+            "prefix-stable template in data.chat_template")
       reply = upto[len(prefix):]
       content = messages[i]["content"]
       start = reply.find(content)
@@ -196,14 +198,15 @@ class Encoder:
   def encode_batch(self, examples: list) -> list:
     """encode() over many examples with one batched tokenizer call.
 
-    Returns, per example, (input_ids, loss_mask) or the RecordError that
-    rejects it; DataError (a template or tokenizer problem) propagates.
+    Returns, per example, (input_ids, loss_mask), the RecordError that
+    rejects it, or the DataError (a template or tokenizer problem, which must
+    stop the run) it raised, so the caller can name the record.
     """
     plans, out = [], [None] * len(examples)
     for k, ex in enumerate(examples):
       try:
         plans.append((k, self._plan(ex)))
-      except RecordError as e:
+      except (RecordError, DataError) as e:
         out[k] = e
     for special in (True, False):
       group = [(k, p) for k, p in plans if p[1] == special]
@@ -215,14 +218,14 @@ class Encoder:
                                       enc["offset_mapping"]):
         try:
           out[k] = self._finish(p, ids, offsets)
-        except RecordError as e:
+        except (RecordError, DataError) as e:
           out[k] = e
     return out
 
   def encode(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:
     """Returns (input_ids int32 [L], loss_mask uint8 [L]) before shifting."""
     (result,) = self.encode_batch([ex])
-    if isinstance(result, RecordError):
+    if isinstance(result, Exception):
       raise result
     return result
 
