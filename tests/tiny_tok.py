@@ -79,6 +79,19 @@ _GEMMA = (
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
 
 
+# Qwen 2.5: ChatML with a default system prompt injected when none is given.
+QWEN25 = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{{ '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>system\nYou are a helpful assistant."
+    "<|im_end|>\n' }}{% endif %}"
+    "{% for m in messages %}"
+    "{% if m['role'] != 'system' or not loop.first %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
 def _markers(template: str, on: bool) -> str:
   gen, end = ("{% generation %}", "{% endgeneration %}") if on else ("", "")
   return template.replace("{GEN}", gen).replace("{ENDGEN}", end)
@@ -91,6 +104,7 @@ GEMMA, GEMMA_GEN = _markers(_GEMMA, False), _markers(_GEMMA, True)
 # name -> (template, the text that closes an assistant reply)
 TEMPLATES = {
     "chatml": (CHATML, "<|im_end|>"), "chatml_gen": (CHATML_GEN, "<|im_end|>"),
+    "qwen25": (QWEN25, "<|im_end|>"),
     "llama3": (LLAMA3, "<|eot_id|>"), "llama3_gen": (LLAMA3_GEN, "<|eot_id|>"),
     "mistral": (MISTRAL, "</s>"), "mistral_gen": (MISTRAL_GEN, "</s>"),
     "gemma": (GEMMA, "<end_of_turn>"), "gemma_gen": (GEMMA_GEN, "<end_of_turn>"),
