@@ -1,0 +1,156 @@
+"""Mesh, logical-axis rules, direct-into-shard init/load, mesh invariance.
+
+Runs on the 8 simulated CPU devices of conftest.py.
+"""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from ml_collections import config_dict
+
+from sft_jax import models
+from sft_jax.train import bench
+from sft_jax.train import config as config_lib
+from sft_jax.train import partition
+from sft_jax.train import sharding
+from sft_jax.train import step as step_lib
+
+_FAST = {"xla_backend_optimization_level": 0}
+_SGD = ("--config.optim.name=sgd", "--config.optim.b1=0",
+        "--config.optim.lr=1.0", "--config.optim.schedule=constant",
+        "--config.optim.warmup_steps=0", "--config.optim.clip_norm=0",
+        "--config.optim.weight_decay=0")
+
+
+def _mesh_cfg(data, fsdp, tensor):
+  return config_dict.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+
+
+def _rules():
+  cfg = config_lib.load_config("configs/tiny.py")
+  return sharding.rules_from_config(cfg.sharding.rules)
+
+
+def test_mesh_shape_fills_one_axis_and_rejects_bad_shapes():
+  assert sharding.mesh_shape(_mesh_cfg(2, -1, 2), 8) == (2, 2, 2)
+  assert sharding.mesh_shape(_mesh_cfg(1, -1, 1), 8) == (1, 8, 1)
+  with pytest.raises(ValueError, match="at most one -1"):
+    sharding.mesh_shape(_mesh_cfg(-1, -1, 1), 8)
+  with pytest.raises(ValueError, match="needs 4 devices, 8 available"):
+    sharding.mesh_shape(_mesh_cfg(2, 2, 1), 8)
+  with pytest.raises(ValueError, match="not a multiple of 3"):
+    sharding.mesh_shape(_mesh_cfg(3, -1, 1), 8)
+  mesh = sharding.make_mesh(_mesh_cfg(2, 2, 2))
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert mesh.axis_types == (jax.sharding.AxisType.Auto,) * 3
+
+
+def test_logical_rules_respect_divisibility_and_use_each_axis_once():
+  mesh = sharding.make_mesh(_mesh_cfg(2, 2, 2))
+  rules = _rules()
+  spec = lambda axes, shape: sharding.logical_to_spec(axes, shape, mesh, rules)
+  assert spec(("layers", "embed", "mlp"), (2, 64, 128)) == P(
+      None, "fsdp", "tensor")
+  assert spec(("vocab", "embed"), (320, 64)) == P("tensor", "fsdp")
+  assert spec(("vocab", "embed"), (97, 64)) == P(None, "fsdp")  # 97 is odd
+  assert spec(("batch", "length"), (8, 64)) == P(("data", "fsdp"), None)
+  assert spec(("batch", "length"), (2, 64)) == P("data", None)
+  assert spec(("embed", "embed"), (64, 64)) == P("fsdp", None)
+  with pytest.raises(ValueError, match="no sharding rule"):
+    spec(("nonsense",), (4,))
+  with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
+    sharding.rules_from_config(config_dict.ConfigDict({"embed": "model"}))
+
+
+def _expected_spec(mesh, axes, shape):
+  return sharding.logical_to_spec(axes, shape, mesh, _rules())
+
+
+def test_random_init_lands_in_shards_with_optimizer_state_alike():
+  cfg = config_lib.load_config("configs/tiny.py", [
+      "--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=2"])
+  mesh = sharding.make_mesh(cfg.mesh)
+  model_cfg, variables = step_lib.load_or_init_model(cfg, mesh)
+  axes = partition.flat(models.logical_axes(model_cfg))
+  for path, x in partition.flat(variables).items():
+    assert x.sharding.spec == _expected_spec(mesh, axes[path], x.shape), path
+  kernel = variables["params"]["layers"]["mlp"]["up_proj"]["kernel"]
+  assert kernel.sharding.spec == P(None, "fsdp", "tensor")
+  l, d, f = kernel.shape
+  assert {s.data.shape for s in kernel.addressable_shards} == {(l, d // 4,
+                                                                f // 2)}
+
+  state, shardings = step_lib.init_train_state(cfg, model_cfg, variables,
+                                               mesh)
+  mu = state.opt_state[1][0].mu  # clip, then adamw's (adam, decay, lr)
+  for m, p in zip(jax.tree.leaves(mu), jax.tree.leaves(state.trainable)):
+    assert m.sharding.is_equivalent_to(p.sharding, m.ndim)
+  for x, s in zip(jax.tree.leaves(state.opt_state),
+                  jax.tree.leaves(shardings.opt_state)):
+    assert x.sharding.is_equivalent_to(s, x.ndim)
+
+
+def test_pretrained_loads_into_shards_and_lora_starts_at_zero(tmp_path):
+  import tiny_hf  # pylint: disable=g-import-not-at-top
+  path = tiny_hf.make_tiny_hf("llama", tmp_path / "llama")
+  cfg = config_lib.load_config(f"configs/tiny.py:model={path},method=lora", [
+      "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"])
+  mesh = sharding.make_mesh(cfg.mesh)
+  model_cfg, variables = step_lib.load_or_init_model(cfg, mesh)
+  assert model_cfg.vocab_size == 97 and model_cfg.lora.rank == 4
+  _, reference = models.load_hf(path, dtype="float32")
+  axes = partition.flat(models.logical_axes(model_cfg))
+  flat_ref = partition.flat(reference)
+  for p, x in partition.flat(variables["params"]).items():
+    assert x.sharding.spec == _expected_spec(mesh, axes["params/" + p],
+                                             x.shape), p
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(flat_ref[p]))
+  for p, x in partition.flat(variables["lora"]).items():
+    assert x.sharding.spec == _expected_spec(mesh, axes["lora/" + p],
+                                             x.shape), p
+    if p.endswith("/b"):
+      assert not np.asarray(x).any()
+
+
+def _one_step(cfg, devices):
+  mesh = sharding.make_mesh(cfg.mesh, devices)
+  model_cfg, variables = step_lib.load_or_init_model(cfg, mesh)
+  state, shardings = step_lib.init_train_state(cfg, model_cfg, variables,
+                                               mesh)
+  batch = sharding.global_batch(bench.synthetic_batch(
+      cfg.train.batch_size, cfg.train.seq_len, model_cfg.vocab_size, 0), mesh)
+  train_step = step_lib.jit_train_step(cfg, model_cfg, mesh, shardings,
+                                       compiler_options=_FAST)
+  state, metrics = train_step(state, batch)
+  return jax.tree.map(np.asarray, (metrics, state.trainable))
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_every_mesh_shape_equals_one_device(method):
+  def cfg_for(mesh, accum=1):
+    d, f, t = mesh
+    return config_lib.load_config(f"configs/tiny.py:method={method}", [
+        *_SGD, "--config.train.batch_size=16", f"--config.mesh.data={d}",
+        f"--config.mesh.fsdp={f}", f"--config.mesh.tensor={t}",
+        f"--config.train.grad_accum={accum}"])
+
+  ref_metrics, ref_params = _one_step(cfg_for((1, 1, 1)), jax.devices()[:1])
+  meshes = ([((8, 1, 1), 1), ((2, 4, 1), 1), ((2, 2, 2), 1), ((1, 4, 2), 2)]
+            if method == "full" else [((2, 2, 2), 2)])
+  for mesh, accum in meshes:
+    metrics, params = _one_step(cfg_for(mesh, accum), jax.devices())
+    for key in ("loss", "grad_norm", "num_supervised_tokens"):
+      np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5,
+                                 err_msg=f"{key} on mesh {mesh}")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=1e-5, atol=1e-6, err_msg=f"params on mesh {mesh}"),
+                 params, ref_params)
+
+
+def test_batch_rows_must_split_over_mesh_and_accumulation():
+  cfg = config_lib.load_config("configs/tiny.py", [
+      "--config.train.grad_accum=2", "--config.mesh.fsdp=8"])
+  mesh = sharding.make_mesh(cfg.mesh)
+  with pytest.raises(ValueError, match="train.batch_size=8 must be a multiple"):
+    step_lib.jit_train_step(cfg, None, mesh, None)
