@@ -247,6 +247,9 @@ def make_eval_batches(data_cfg, tok, *, seq_len: int, batch_size: int,
   rows = slice(process_index * local, (process_index + 1) * local)
   out = {}
   for sid, (name, p) in enumerate(zip(names, prepared)):
+    if not len(p.keep):
+      raise DataError(f"eval set {name!r} has no usable example at "
+                      f"seq_len={seq_len}:\n{p.drops.summary()}")
     ds = grain.MapDataset.source(p.keep).map(example_loader(
         p, sid, seq_len, data_cfg.too_long, tok.bos_token_id))
     packed = pack(ds.to_iter_dataset(), data_cfg, seq_len, 0,
