@@ -7,6 +7,9 @@ lora_A.weight = a[l].T [R, in] and lora_B.weight = b[l].T [out, R] under the
 HF module name `tables.hf_module_name(path, l, model_type)`.
 """
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -54,10 +57,11 @@ def _with_kernel(params, path, kernel):
   return rebuild(params, 0)
 
 
+@functools.partial(jax.jit, static_argnums=2)
 def merge_lora(params, lora, cfg: ModelConfig):
   """params with every adapted kernel replaced by kernel + scale * a @ b.
 
-  Computed in float32, stored in the kernel's dtype; jit-able. Use the
+  Computed in float32, stored in the kernel's dtype; jitted. Use the
   result with `dataclasses.replace(cfg, lora=None)`.
   """
   if cfg.lora is None:

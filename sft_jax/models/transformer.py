@@ -19,6 +19,7 @@ Per-layer differences (sliding window, rotary frequencies) are scanned
 inputs, so the layer stack stays homogeneous under nn.scan.
 """
 
+import functools
 import re
 
 import flax.linen as nn
@@ -338,15 +339,16 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None):
           "segment_ids": jnp.zeros((batch_size, max_len), jnp.int32)}
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def init(cfg: ModelConfig, rng):
   """Fresh variables: {"params": ...} plus {"lora": ...} when cfg.lora is set.
 
-  Pure and jit-able; under `jax.eval_shape` it gives the shapes only.
+  Jitted (cfg static); under `jax.eval_shape` it gives the shapes only.
   """
   ones_1x1 = jnp.ones((1, 1), jnp.int32)
   variables = Transformer(cfg).init({"params": rng}, ones_1x1, ones_1x1 * 0,
                                     ones_1x1)
-  return jax.tree.map(lambda x: x, dict(variables))
+  return dict(variables)
 
 
 def init_lora(cfg: ModelConfig, rng):
