@@ -93,7 +93,8 @@ def test_inspect_on_files(files, capsys):
   assert rc == 0
   out = capsys.readouterr().out
   assert "examples: 3 kept, 0 truncated, 2 dropped" in out
-  assert "malformed_json: 1" in out and "no_assistant_turn: 1" in out
+  assert "malformed_json: 1\n" in out and "no_assistant_turn: 1\n" in out
+  assert f"      {d}/train.jsonl:4: the conversation has no reply" in out
   # Token-length percentiles and the supervised fraction of the train set,
   # recomputed here from the dump contract.
   tok = tiny_tok.make_tokenizer(chat_template=tiny_tok.LLAMA3)

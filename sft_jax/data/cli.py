@@ -214,7 +214,7 @@ def _inspect(args, overrides) -> int:
             + (f", weight {src.weight}" if split == "train" else "") + ")")
       print(f"  examples: {r.kept} kept, {r.truncated} truncated, "
             f"{r.drops.total} dropped")
-      for line in r.drops.summary("  dropped").splitlines()[1:]:
+      for line in r.drops.summary("  dropped", places=True).splitlines()[1:]:
         print("  " + line)
       pct = "  ".join(f"p{k}={v}" for k, v in r.length_pct.items())
       print(f"  tokens per example: {pct or '-'}")

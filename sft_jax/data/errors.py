@@ -73,13 +73,18 @@ class DropLog:
       log.examples[k] = list(v)
     return log
 
-  def summary(self, title: str = "dropped") -> str:
-    """A few lines for the console: total, then one line per reason."""
+  def summary(self, title: str = "dropped", places: bool = False) -> str:
+    """Console lines: the total, then one line per reason with its first
+    place (or, with `places`, every stored place on its own line)."""
     if not self.counts:
       return f"{title}: 0"
     lines = [f"{title}: {self.total}"]
     for reason, n in sorted(self.counts.items(), key=lambda kv: -kv[1]):
-      first = self.examples.get(reason, [""])[0] if self.examples.get(
-          reason) else ""
-      lines.append(f"  {reason}: {n}" + (f"  (e.g. {first})" if first else ""))
+      stored = self.examples.get(reason) or []
+      if places:
+        lines.append(f"  {reason}: {n}")
+        lines += [f"    {e}" for e in stored]
+      else:
+        lines.append(f"  {reason}: {n}" +
+                     (f"  (e.g. {stored[0]})" if stored else ""))
     return "\n".join(lines)
