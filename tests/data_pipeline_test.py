@@ -268,3 +268,22 @@ def test_worker_processes_build_the_same_cache(tmp_path, tok, monkeypatch):
       two.where(i) for i in range(len(two))]
   assert one.drops.to_json() == two.drops.to_json()
   assert dict(one.drops.counts) == {"missing_field": 1, "malformed_json": 1}
+
+
+def test_each_epoch_is_a_fresh_permutation(tmp_path, tok):
+  c = data.default_config()
+  c.cache_dir = str(tmp_path / "cache")
+  c.packing = "pad"
+  c.sources.s = data.source_config(
+      path=_write_jsonl(tmp_path / "s.jsonl", _chats("delta", 12)))
+  it = iter(data.make_train_pipeline(c, tok, seq_len=96, batch_size=4, seed=4))
+  rows = [tuple(r[r > 0]) for _ in range(6) for r in next(it)["tokens"]]
+  first, second = rows[:12], rows[12:]
+  assert len(set(first)) == 12 and set(first) == set(second)
+  assert first != second
+  # Without shuffling, file order, every epoch.
+  c.shuffle = False
+  it = iter(data.make_train_pipeline(c, tok, seq_len=96, batch_size=4))
+  rows = [tuple(r[r > 0]) for _ in range(6) for r in next(it)["tokens"]]
+  want = list(_cached_examples(c, tok, "s"))
+  assert rows == want + want
