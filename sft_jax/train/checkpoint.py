@@ -129,7 +129,11 @@ class Checkpointer:
           reverse=best_mode == "min", n=1,
           keep_checkpoints_without_metrics=False))
     self._best_metric = best_metric
+    # best_fn is what makes Orbax write each step's metrics to disk, so the
+    # best step is still known after a restart.
+    best_fn = (lambda metrics: metrics[best_metric]) if best_metric else None
     options = ocp.CheckpointManagerOptions(
+        best_fn=best_fn, best_mode=best_mode,
         preservation_policy=ocp_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, read_only=read_only,
         create=not read_only)
@@ -146,6 +150,7 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def best_step(self) -> int | None:
+    """The kept step with the best `best_metric` (None without one)."""
     return self._manager.best_step() if self._best_metric else None
 
   def save(self, step: int, state: Any, *, data_state: Any,

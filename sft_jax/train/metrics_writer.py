@@ -33,8 +33,8 @@ class MetricsWriter:
       resume_step: the step a resumed run restarts from. Records past it were
         written by the interrupted process after its last checkpoint and are
         about to be recomputed, so they are dropped from the JSONL file and
-        marked stale in TensorBoard (a session restart, which TensorBoard
-        honours by discarding later events).
+        marked stale in TensorBoard (a session restart at resume_step + 1,
+        which TensorBoard honours by discarding the events from that step on).
     """
     self._enabled = enabled
     if not enabled:
@@ -46,11 +46,11 @@ class MetricsWriter:
       _truncate_jsonl(self.jsonl_path, resume_step)
     self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
     self._events = event_file_writer.EventFileWriter(self.tb_dir)
-    if resume_step > 0:
-      self._events.add_event(event_pb2.Event(
-          wall_time=time.time(), step=resume_step + 1,
-          session_log=event_pb2.SessionLog(
-              status=event_pb2.SessionLog.START)))
+    # Every process start is a session start; TensorBoard treats each one
+    # after the first as a restart and drops the events at or after its step.
+    self._events.add_event(event_pb2.Event(
+        wall_time=time.time(), step=resume_step + 1,
+        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     """Writes one step's scalars (tag -> value) to both sinks."""
