@@ -54,7 +54,7 @@ def get_config(arg=None):
   c.train.batch_size = 8  # Global sequences (packed rows) per optimizer step.
   c.train.seq_len = 2048  # Tokens per packed row.
   c.train.grad_accum = 1  # Micro-batches per step; batch_size % grad_accum == 0.
-  c.train.ce_chunk = 2048  # Tokens per cross-entropy chunk (bounds [chunk, vocab] logits).
+  c.train.ce_chunk = 512  # Positions per CE chunk: rows x ce_chunk x V fp32 logits at a time.
   c.train.z_loss = 0.0  # Weight of z-loss: mean log(Z)^2 over supervised tokens.
   c.train.on_nonfinite = "stop"  # Non-finite loss/grad: "stop" the run or "skip" the update.
 

@@ -117,6 +117,14 @@ def test_every_config_file_builds(path, method):
   if path.name in _PRESET_PARAMS:
     assert n == _PRESET_PARAMS[path.name], (path.name, n)
     assert cfg.model.path and hf["model_type"] == model_cfg.model_type
+  # The forward traces with the config's runtime options (remat policy,
+  # dtypes, LoRA targets), abstractly: no memory is allocated.
+  tokens = jax.ShapeDtypeStruct((1, 8), jax.numpy.int32)
+  hidden = jax.eval_shape(
+      lambda v, t: models.Transformer(model_cfg).apply(
+          v, t, t, t, return_hidden=True), shapes, tokens)
+  assert hidden.shape == (1, 8, model_cfg.hidden_size)
+  assert hidden.dtype == jax.numpy.dtype(cfg.model.dtype)
   per_token = flops.flops_per_token(model_cfg, cfg.train.seq_len, method)
   assert per_token > (4 if method == "lora" else 6) * (
       n - model_cfg.vocab_size * model_cfg.hidden_size)

@@ -6,6 +6,11 @@ config tests run offline. Knobs (`preset.py:KNOB=VALUE,...`):
   method=full|lora   full fine-tuning or LoRA (r=16, alpha=32, all linears)
   data=FILES         training records (comma-free path or glob)
   steps=N            optimizer steps
+
+Batch shapes are set for ONE accelerator: train.batch_size rows of
+train.seq_len tokens per step, in train.grad_accum micro-batches. On D
+data-parallel devices keep batch_size and divide grad_accum by D (the
+micro-batch must give every device whole rows).
 """
 
 import json
@@ -18,7 +23,7 @@ from sft_jax.train import config as config_lib
 def preset(arg, *, hub_id: str, hf_config: dict, full_lr: float,
            lora_lr: float = 2e-4, remat: str = "none",
            full_param_dtype: str = "float32", batch_size: int = 32,
-           seq_len: int = 4096):
+           grad_accum: int = 8, seq_len: int = 4096):
   knobs = config_lib.parse_arg(arg, method="full", data="", steps=1000)
   c = config_lib.get_config_from_file(
       str(pathlib.Path(__file__).parents[1] / "base.py"))
@@ -47,7 +52,10 @@ def preset(arg, *, hub_id: str, hf_config: dict, full_lr: float,
   c.optim.weight_decay = 0.0 if knobs.method == "lora" else 0.01
   c.train.steps = knobs.steps
   c.train.batch_size = batch_size
+  c.train.grad_accum = grad_accum
   c.train.seq_len = seq_len
-  c.train.ce_chunk = 1024
+  # Per device a chunk holds rows x ce_chunk x V float32 logits: 4 rows x
+  # 512 x 128k x 4 B = 1 GB.
+  c.train.ce_chunk = 512
   c.data.sources.train = data_config.source_config(path=knobs.data)
   return c

@@ -19,4 +19,6 @@ def get_config(arg=None):
   common = config_lib.import_file(
       pathlib.Path(__file__).with_name("_common.py"))
   return common.preset(arg, hub_id="meta-llama/Llama-3.2-1B",
-                       hf_config=HF_CONFIG, full_lr=2e-5, batch_size=32)
+                       hf_config=HF_CONFIG, full_lr=2e-5,
+                       remat="dots_with_no_batch_dims_saveable",
+                       batch_size=32, grad_accum=8)

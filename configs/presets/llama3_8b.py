@@ -23,5 +23,5 @@ def get_config(arg=None):
   common = config_lib.import_file(
       pathlib.Path(__file__).with_name("_common.py"))
   return common.preset(arg, hub_id="meta-llama/Llama-3.1-8B",
-                       hf_config=HF_CONFIG, full_lr=1e-5,
-                       remat="nothing_saveable", batch_size=64)
+                       hf_config=HF_CONFIG, full_lr=1e-5, remat="full",
+                       batch_size=64, grad_accum=16)
