@@ -14,7 +14,7 @@ _MODEL_HELP = (
 def _add_model_args(parser, *, flag="--model", help_text=_MODEL_HELP):
   parser.add_argument(flag, required=True, metavar="DIR_OR_RUN",
                       help=help_text)
-  parser.add_argument("--step", type=int, default=None,
+  parser.add_argument("--step", type=int, default=None, metavar="N",
                       help="checkpoint step of a run (default: the latest)")
   parser.add_argument("--adapter", default=None, metavar="DIR",
                       help="a PEFT LoRA adapter directory to apply over the "
@@ -28,15 +28,17 @@ def _add_model_args(parser, *, flag="--model", help_text=_MODEL_HELP):
 def _add_generation_args(parser, max_new_tokens=256):
   g = parser.add_argument_group("generation")
   g.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                 metavar="N",
                  help=f"tokens generated at most (default {max_new_tokens})")
-  g.add_argument("--temperature", type=float, default=0.0,
+  g.add_argument("--temperature", type=float, default=0.0, metavar="T",
                  help="0 (default) decodes greedily; > 0 samples")
-  g.add_argument("--top-k", type=int, default=0,
+  g.add_argument("--top-k", type=int, default=0, metavar="K",
                  help="sample among the k likeliest tokens (0: all)")
-  g.add_argument("--top-p", type=float, default=1.0,
+  g.add_argument("--top-p", type=float, default=1.0, metavar="P",
                  help="sample within the top-p probability mass (1: all)")
-  g.add_argument("--seed", type=int, default=0, help="sampling seed")
-  g.add_argument("--batch-size", type=int, default=8,
+  g.add_argument("--seed", type=int, default=0, metavar="N",
+                 help="sampling seed (default 0)")
+  g.add_argument("--batch-size", type=int, default=8, metavar="N",
                  help="prompts decoded together (default 8)")
 
 
@@ -55,19 +57,20 @@ def _load(args, model):
 def generate_main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="sft-jax generate",
-      description=(
-          "Generate text from a model or a training run. Prompts are "
-          "rendered with the model's chat template (the exact one a run "
-          "trained with) unless --raw. Generation stops at EOS, at the "
-          "template's end-of-turn token, or after --max-new-tokens."),
-      epilog=(
-          "examples:\n"
-          "  sft-jax generate --model runs/demo --prompt 'Hello!'\n"
-          "  sft-jax generate --model Qwen/Qwen2.5-0.5B-Instruct "
-          "--data prompts.jsonl --out completions.jsonl\n"
-          "--data lines: {\"prompt\": TEXT} (a user turn, or plain text with "
-          "--raw), {\"messages\": [...]} (a trailing assistant turn is "
-          "dropped), or any training record format."),
+      description="""\
+Generate text from a model or a training run. Prompts are rendered with the
+model's chat template (for a run, the exact one it trained with) unless
+--raw. Generation stops at EOS, at the template's end-of-turn token, or after
+--max-new-tokens.""",
+      epilog="""\
+--data lines: {"prompt": TEXT} (a user turn, or plain text with --raw),
+{"messages": [...]} (a trailing assistant turn is dropped), or any training
+record format.
+
+examples:
+  sft-jax generate --model runs/demo --prompt 'Hello!'
+  sft-jax generate --model Qwen/Qwen2.5-0.5B-Instruct \\
+      --data prompts.jsonl --out completions.jsonl --temperature 0.7""",
       formatter_class=argparse.RawDescriptionHelpFormatter)
   _add_model_args(parser)
   src = parser.add_mutually_exclusive_group(required=True)
@@ -122,10 +125,10 @@ def generate_main(argv=None) -> int:
 def chat_main(argv=None, *, input_fn=input, print_fn=print) -> int:
   parser = argparse.ArgumentParser(
       prog="sft-jax chat",
-      description=(
-          "Chat with a model or a training run in the terminal, using its "
-          "chat template. Commands: /reset starts over, /exit (or Ctrl-D) "
-          "quits."))
+      description="""\
+Chat with a model or a training run in the terminal, using its chat
+template. Commands: /reset starts over, /exit (or Ctrl-D) quits.""",
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   _add_model_args(parser)
   parser.add_argument("--system", default=None,
                       help="a system prompt opening the conversation")
@@ -172,17 +175,22 @@ def chat_main(argv=None, *, input_fn=input, print_fn=print) -> int:
 def eval_main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="sft-jax eval",
-      description=(
-          "Evaluate a run (or any model) by generation: greedy answers to "
-          "the prompts of --data are scored against the references. "
-          "Metrics go to the run's TensorBoard (tb/) and, with the sample "
-          "generations, to a JSON file."),
-      epilog=(
-          "--data records: any training record format (messages, sharegpt, "
-          "alpaca, prompt_completion); the last assistant turn is the "
-          "reference, the turns before it the prompt.\n"
-          "metrics: exact_match, rouge_l, bleu (sacrebleu, 0-100), "
-          "json_valid, json_schema (needs --json-schema)."),
+      description="""\
+Evaluate a run (or any model) by generation: answers to the prompts of
+--data (greedy unless --temperature) are scored against the references.
+Metrics go to the run's TensorBoard (RUN/tb, tags gen_<name>/<metric>) and,
+with every sample generation, to RUN/eval/gen_<name>_step_<step>.json.""",
+      epilog="""\
+--data records: any training record format (messages, sharegpt, alpaca,
+prompt_completion); the last assistant turn (completion, output) is the
+reference and the turns before it the prompt.
+
+metrics: exact_match (after stripping whitespace), rouge_l (F-measure),
+bleu (sacrebleu corpus BLEU, 0-100), json_valid, json_schema (needs
+--json-schema).
+
+example:
+  sft-jax eval --run runs/demo --data heldout.jsonl --step 200""",
       formatter_class=argparse.RawDescriptionHelpFormatter)
   _add_model_args(parser, flag="--run", help_text=_MODEL_HELP)
   parser.add_argument("--data", required=True, metavar="FILE",
@@ -245,23 +253,26 @@ def eval_main(argv=None) -> int:
 def export_main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="sft-jax export",
-      description=(
-          "Export a training run to Hugging Face format. --merge folds LoRA "
-          "into the base weights and writes a standalone transformers "
-          "checkpoint (config.json, safetensors sharded above "
-          "--max-shard-size, generation_config.json, the tokenizer with the "
-          "exact chat template used in training). --adapter writes a PEFT "
-          "adapter (adapter_config.json + adapter_model.safetensors) that "
-          "records the base model's path or hub id."),
-      epilog=(
-          "serve the result:\n"
-          "  merged:  transformers.AutoModelForCausalLM.from_pretrained(OUT)"
-          ", or vllm serve OUT\n"
-          "  adapter: peft.AutoPeftModelForCausalLM.from_pretrained(OUT)"),
+      description="""\
+Export a training run to Hugging Face format.
+
+  --merge    folds LoRA into the base weights and writes a standalone
+             transformers checkpoint: config.json, safetensors (sharded
+             above --max-shard-size), generation_config.json (stopping at
+             EOS and the chat template's end of turn), and the run's
+             tokenizer files byte for byte, chat template included.
+  --adapter  writes a PEFT adapter (adapter_config.json +
+             adapter_model.safetensors) recording the base model's path or
+             hub id, plus the tokenizer files.""",
+      epilog="""\
+serve the result:
+  merged:  transformers.AutoModelForCausalLM.from_pretrained(OUT),
+           or `vllm serve OUT`
+  adapter: peft.AutoPeftModelForCausalLM.from_pretrained(OUT)""",
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--run", required=True, metavar="DIR",
                       help="the run directory (sft-jax train --workdir)")
-  parser.add_argument("--step", type=int, default=None,
+  parser.add_argument("--step", type=int, default=None, metavar="N",
                       help="checkpoint step (default: the latest)")
   parser.add_argument("--out", required=True, metavar="HF_DIR",
                       help="output directory (created)")
@@ -273,7 +284,7 @@ def export_main(argv=None) -> int:
   parser.add_argument("--dtype", default=None,
                       choices=("float32", "bfloat16", "float16"),
                       help="weight dtype on disk (default: the params' dtype)")
-  parser.add_argument("--max-shard-size", default="5GB",
+  parser.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                       help="largest safetensors shard of a merged export "
                       "(default 5GB)")
   args = parser.parse_args(argv)
