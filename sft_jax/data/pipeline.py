@@ -86,23 +86,23 @@ def prepare_source(name, src, data_cfg, tok, *, seq_len: int) -> PreparedSource:
   drops.merge(tokenized.drops)
   lengths = tokenized.lengths
   max_len = seq_len + 1  # one token is lost to the shift
-  keep = np.flatnonzero((lengths >= 2) & (lengths <= max_len))
-  truncated = 0
+  keep = [np.flatnonzero((lengths >= 2) & (lengths <= max_len))]
   for i in np.flatnonzero(lengths < 2):
     drops.add("too_short", tokenized.where(i), "fewer than 2 tokens")
+  cut = []
   for i in np.flatnonzero(lengths > max_len):
     ids, mask = tokenized.example(i)
     _, _, status = fit_length(ids, mask, max_len, data_cfg.too_long,
                               tok.bos_token_id)
     if status == "truncated":
-      truncated += 1
-      keep = np.append(keep, i)
+      cut.append(i)
     else:
       drops.add("too_long", tokenized.where(i),
-                f"{lengths[i]} tokens > {max_len}")
+                f"{lengths[i]} tokens, more than seq_len + 1 = {max_len}")
   if data_cfg.strict and drops.total:
     raise drops.first_error(f"source {name!r}")
-  return PreparedSource(tokenized, np.sort(keep), truncated, drops)
+  keep = np.sort(np.concatenate(keep + [np.asarray(cut, np.int64)]))
+  return PreparedSource(tokenized, keep, len(cut), drops)
 
 
 def _prepare_all(data_cfg, tok, seq_len, group):
