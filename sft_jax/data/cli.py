@@ -19,15 +19,18 @@ from sft_jax.data.errors import DataError, DropLog
 
 
 def _add_source_args(p, data_help):
-  p.add_argument("--tokenizer", help="tokenizer directory or hub id")
-  p.add_argument("--data", action="append", default=[], help=data_help)
+  p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory or hub id")
+  p.add_argument("--data", action="append", default=[], metavar="FILES",
+                 help=data_help)
   p.add_argument("--format", default="auto", choices=config_lib.FORMATS,
-                 help="record format (default: detected per source)")
+                 metavar="FORMAT",
+                 help="auto | alpaca | messages | sharegpt | prompt_completion "
+                 "| text (default: auto, detected per source)")
   p.add_argument("--mask", default="assistant",
                  choices=config_lib.MASK_POLICIES,
                  help="supervised tokens: every assistant turn, the last "
                  "one, or all tokens (default: assistant)")
-  p.add_argument("--chat-template", default="",
+  p.add_argument("--chat-template", default="", metavar="TEMPLATE",
                  help="Jinja template text or .jinja file replacing the "
                  "tokenizer's own")
   p.add_argument("--too-long", default="truncate",
@@ -52,9 +55,9 @@ def _parser():
       "on the console.")
   _add_source_args(dump, "FILE[,FILE...] or glob, or a hub dataset id "
                    "(repeatable; all one source)")
-  dump.add_argument("--max-length", type=int, default=0,
+  dump.add_argument("--max-length", type=int, default=0, metavar="N",
                     help="fit examples to N tokens (0 = no limit)")
-  dump.add_argument("--out", required=True, help="output .jsonl path")
+  dump.add_argument("--out", required=True, metavar="OUT.jsonl", help="output .jsonl path")
   insp = sub.add_parser(
       "inspect", help="the data doctor: counts, drops, lengths, packing, "
       "duplicates, rendered examples",
@@ -64,27 +67,29 @@ def _parser():
       "within and across train/eval; a few rendered examples with the "
       "supervised tokens highlighted. Reads a run config (--config) or "
       "files (--tokenizer, --data, --eval-data).")
-  insp.add_argument("--config", default="",
+  insp.add_argument("--config", default="", metavar="CONFIG",
                     help="run config `path.py[:arg]` (`--config.KEY=VALUE` "
                     "overrides may follow), or a run directory")
   _add_source_args(insp, "training FILE[,FILE...] or glob (repeatable: one "
                    "source each)")
   insp.add_argument("--eval-data", action="append", default=[],
+                    metavar="FILES",
                     help="eval FILE[,FILE...] (repeatable: one set each)")
-  insp.add_argument("--seq-len", type=int, default=0,
+  insp.add_argument("--seq-len", type=int, default=0, metavar="T",
                     help="row length for truncation and packing efficiency "
                     "(default: the config's train.seq_len, else 2048)")
   insp.add_argument("--packing", default="first_fit",
                     choices=config_lib.PACKING_MODES,
                     help="packer for the efficiency figure (files mode)")
-  insp.add_argument("--examples", type=int, default=3,
+  insp.add_argument("--examples", type=int, default=3, metavar="K",
                     help="rendered examples shown per source (default 3)")
   insp.add_argument("--near-threshold", type=float, default=0.8,
+                    metavar="J",
                     help="MinHash Jaccard estimate counted as near-duplicate")
   insp.add_argument("--color", default="auto",
                     choices=("auto", "always", "never"),
                     help="highlight supervised tokens in colour (else [[...]])")
-  insp.add_argument("--cache-dir", default="",
+  insp.add_argument("--cache-dir", default="", metavar="DIR",
                     help="tokenized-source cache (default: the config's)")
   return parser
 
