@@ -322,3 +322,43 @@ def test_early_stopping_counts_evaluations_without_improvement():
   assert restored.best == 1.5 and restored.bad_evals == 2
   with pytest.raises(KeyError, match="eval/acc"):
     evaluate.EarlyStopping("eval/acc").update({"eval/loss": 1.0})
+
+
+def test_load_run_puts_saved_lora_over_the_recreated_base(tmp_path):
+  """A LoRA checkpoint holds only adapters (+ optimizer state); load_run
+  re-creates the frozen base (here: from the seed) and restores the rest."""
+  from sft_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import run as run_lib  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  tiny_tok.make_tokenizer(tmp_path / "tok")
+  cfg = config_lib.load_config("configs/tiny.py:method=lora")
+  mesh = sharding.make_mesh(cfg.mesh)
+  model_cfg, variables = step_lib.load_or_init_model(cfg, mesh)
+  state, _ = step_lib.init_train_state(cfg, model_cfg, variables, mesh)
+  # As if training had moved the adapters (B starts at zero).
+  state = state.replace(step=state.step + 7, trainable=jax.tree.map(
+      lambda x: x + 0.25, state.trainable))
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints"))
+  ckpt.save(7, loop.checkpointed_part(state), data_state={},
+            config=config_lib.config_to_dict(cfg),
+            tokenizer_files=checkpoint.read_files(str(tmp_path / "tok")))
+  ckpt.close()
+  # The base weights are not in the checkpoint.
+  saved = os.listdir(tmp_path / "run" / "checkpoints" / "7" / "state")
+  assert "_METADATA" in saved
+  meta = json.loads((tmp_path / "run" / "checkpoints" / "7" / "state" /
+                     "_METADATA").read_text())
+  assert not any("'params'" in k or '"params"' in k
+                 for k in meta["tree_metadata"]), list(meta["tree_metadata"])
+
+  run = run_lib.load_run(str(tmp_path / "run"))
+  assert run.step == 7 and run.base_model is None
+  assert run.model_cfg.lora is not None and run.model_cfg.lora.rank == 4
+  jax.tree.map(np.testing.assert_array_equal, run.lora,
+               state.trainable["lora"])
+  jax.tree.map(np.testing.assert_array_equal, run.params,
+               state.frozen["params"])
+  assert run.tokenizer.chat_template == tiny_tok.CHATML

@@ -12,6 +12,10 @@ Fine-tune a causal LM from a Python config, writing a run directory:
   DIR/metrics.jsonl    one JSON record per logged step
   DIR/tb/              TensorBoard events (scalars and hyperparameters)
 
+Any config key can be overridden with --config.KEY=VALUE (e.g.
+--config.optim.lr=2e-4); an unknown key or a value of the wrong type is an
+error that names the key.
+
 When DIR already holds a checkpoint the run resumes from the latest one,
 exactly where it stopped (same batches, same updates). SIGTERM saves a
 checkpoint and exits cleanly.
