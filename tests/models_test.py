@@ -319,6 +319,23 @@ def test_each_feature_visibly_changes_logits(fams, family, change):
   assert np.abs(ours[[0, 2]] - f.ref).max() > 100 * _TOL
 
 
+def test_image_text_gemma3_loads_its_language_model(fams, tmp_path):
+  path = tiny_hf.make_tiny_hf("gemma3_mm", tmp_path / "mm")
+  cfg, params = models.load_hf(path)  # vision tower tensors are skipped
+  assert cfg.hf_wrapper == "gemma3"
+  assert dataclasses.replace(cfg, hf_wrapper="") == dataclasses.replace(
+      fams["gemma3"].cfg, passthrough=cfg.passthrough)
+  tokens = _batch()[0][[0, 2]]
+  ref = _torch_logits(tiny_hf.load_hf(path), tokens)
+  ours = _forward(cfg, {"params": params})[[0, 2]]
+  np.testing.assert_allclose(ours, ref, atol=_TOL, rtol=0)
+  models.save_hf(cfg, params, str(tmp_path / "text"))  # text-only model
+  text_model = tiny_hf.load_hf(tmp_path / "text")
+  assert type(text_model).__name__ == "Gemma3ForCausalLM"
+  np.testing.assert_allclose(_torch_logits(text_model, tokens), ref,
+                             atol=1e-5, rtol=0)
+
+
 def test_load_into_shardings_reads_slices(fams):
   f = fams["gemma3"]
   mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"),

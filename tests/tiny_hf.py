@@ -15,6 +15,7 @@ _BASE = dict(vocab_size=97, hidden_size=32, intermediate_size=48,
 
 FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
             "gemma3")
+# Also built by make_tiny_hf, not a text-only family: "gemma3_mm".
 
 
 def hf_config(family: str, **overrides):
@@ -53,6 +54,13 @@ def hf_config(family: str, **overrides):
               rope_local_base_freq=100.0, rope_theta=10000.0,
               num_hidden_layers=4, sliding_window_pattern=2,
               hidden_activation="gelu_pytorch_tanh")
+  elif family == "gemma3_mm":  # image-text Gemma 3; its text model is tested
+    text = hf_config("gemma3", **overrides).to_dict()
+    return transformers.Gemma3Config(
+        text_config=text, mm_tokens_per_image=4,
+        vision_config=dict(hidden_size=16, intermediate_size=32,
+                           num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14))
   else:
     raise ValueError(f"unknown family {family!r}")
   kw.update(overrides)

@@ -166,15 +166,16 @@ def load_hf(path_or_hub_id: str, *, dtype=None, shardings=None):
     cfg = dataclasses.replace(cfg, param_dtype=jnp.dtype(dtype).name)
   shapes = _flatten(param_shapes(cfg))
   files = _open_dir(local)
-  table = tables.Table(cfg.model_type)
+  table = tables.Table(cfg.model_type, cfg.hf_wrapper)
+  lm_head = table.hf_names("lm_head/kernel", 1)[0][0][0]
 
   for name, reader in files.items():
-    if tables.IGNORED.match(name):
+    if table.ignored(name):
       continue
     hit = table.match(name)
     if hit is None or hit[0] not in shapes or (
         hit[1] is not None and hit[1] >= cfg.num_layers):
-      if cfg.tie_embeddings and name == "lm_head.weight":
+      if cfg.tie_embeddings and name == lm_head:
         continue  # a tied copy; transformers ignores it too
       raise UnexpectedTensorError(
           f"{reader.path}: unexpected tensor {name} for a {cfg.model_type} "
@@ -260,6 +261,7 @@ def save_hf(cfg: ModelConfig, params, out_dir: str, *, dtype=None,
     The safetensors file names written.
   """
   dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
+  cfg = dataclasses.replace(cfg, hf_wrapper="")  # text-only model out
   table = tables.Table(cfg.model_type)
   flat = _flatten(params)
   expected = _flatten(param_shapes(cfg))

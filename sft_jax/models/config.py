@@ -168,6 +168,9 @@ class ModelConfig:
   rope_local: RopeConfig | None = None  # sliding layers' rope (gemma3)
   max_position_embeddings: int = 8192
   passthrough: str = "{}"  # JSON of untouched config.json keys
+  # "gemma3": read from an image-text checkpoint's language model (the
+  # vision tower is skipped); save_hf writes the text-only model.
+  hf_wrapper: str = ""
   # Runtime options, not part of the checkpoint.
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
@@ -198,11 +201,18 @@ class ModelConfig:
                      source: str = "config.json") -> "ModelConfig":
     """Reads a HF config dict (transformers 4.x or 5.x spelling)."""
     model_type = hf.get("model_type")
+    if model_type == "gemma3" and "text_config" in hf:
+      # Image-text Gemma 3: its language model alone (weights under
+      # "language_model."); hub configs leave most text keys to defaults.
+      import transformers  # pylint: disable=g-import-not-at-top
+      text = transformers.Gemma3TextConfig(**hf["text_config"]).to_dict()
+      text.setdefault("tie_word_embeddings",
+                      hf.get("tie_word_embeddings", True))
+      cfg = cls.from_hf_config(dict(text, model_type="gemma3_text"), source)
+      return dataclasses.replace(cfg, hf_wrapper="gemma3")
     if model_type not in _FAMILIES:
-      hint = (" (a multimodal gemma3 checkpoint: load its text model)"
-              if model_type == "gemma3" else "")
       raise UnsupportedModelError(
-          f"{source}: model_type {model_type!r} is not supported{hint}; "
+          f"{source}: model_type {model_type!r} is not supported; "
           f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     fam = _FAMILIES[model_type]
     gemma = model_type.startswith("gemma")

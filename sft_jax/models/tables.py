@@ -64,17 +64,38 @@ TABLES = {
 # Tensors some checkpoints carry that the model recomputes or ties.
 IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
+# Image-text checkpoints: where their language model's tensors live
+# (prefix renames) and what else they hold (skipped).
+_WRAPPERS = {
+    "gemma3": dict(renames=(("model.", "language_model.model."),
+                            ("lm_head.", "language_model.lm_head.")),
+                   skipped=r"(vision_tower|multi_modal_projector)\..*"),
+}
+
 
 class Table:
   """A family's rows, matched by regex in one direction, formatted in the
   other."""
 
-  def __init__(self, model_type: str):
+  def __init__(self, model_type: str, wrapper: str = ""):
     self.rows = TABLES[model_type]
+    self.skipped = None
+    if wrapper:
+      renames = _WRAPPERS[wrapper]["renames"]
+      self.skipped = re.compile(_WRAPPERS[wrapper]["skipped"])
+      self.rows = tuple(
+          (next(new + pattern[len(old):] for old, new in renames
+                if pattern.startswith(old)), path, transform)
+          for pattern, path, transform in self.rows)
     self._regexes = [
         re.compile(re.escape(pattern).replace(re.escape("{L}"), r"(\d+)")
                    + "$")
         for pattern, _, _ in self.rows]
+
+  def ignored(self, hf_name: str) -> bool:
+    """Tensors the loader skips: recomputed buffers, other modalities."""
+    return bool(IGNORED.match(hf_name) or (
+        self.skipped and self.skipped.fullmatch(hf_name)))
 
   def match(self, hf_name: str):
     """(params path, layer index or None, transform), or None if no row."""
