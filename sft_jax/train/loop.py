@@ -334,8 +334,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
       every = lambda n: n > 0 and step % n == 0
       last = step == cfg.train.steps
       stop_now = preemption.reached(step)
-      do_eval = every(cfg.eval.every_steps) or (last and eval_sets and
-                                                cfg.eval.every_steps > 0)
+      do_eval = (eval_step is not None and cfg.eval.every_steps > 0 and
+                 (every(cfg.eval.every_steps) or last))
       do_save = every(cfg.checkpoint.every_steps) or last or stop_now
       if not (do_eval or do_save):
         continue
@@ -372,6 +372,9 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
     ckpt.close()
     writer.close()
 
+  if reason != "nonfinite" and host.last:
+    bar.write(f"Stopped at step {step} ({reason}): train/loss "
+              f"{host.last['train/loss']:.4f}; run directory {workdir}")
   if reason == "preempted":
     print(f"Preempted: saved step {step}; rerun the same command to resume.",
           file=sys.stderr, flush=True)
