@@ -362,3 +362,27 @@ def test_load_run_puts_saved_lora_over_the_recreated_base(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, run.params,
                state.frozen["params"])
   assert run.tokenizer.chat_template == tiny_tok.CHATML
+
+
+def test_generation_eval_hook_scores_generated_answers(tmp_path):
+  from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import evaluate  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  tok = tiny_tok.make_tokenizer(tmp_path / "tok")
+  records = _records(3, seed=2)
+  _write_jsonl(tmp_path / "gen.jsonl", records)
+  cfg = config_lib.load_config("configs/tiny.py", [
+      "--config.eval.generate=true",
+      f"--config.eval.generate_data={tmp_path / 'gen.jsonl'}",
+      "--config.eval.generate_max_new_tokens=3",
+      "--config.eval.generate_metrics=exact_match,rouge_l"])
+  mesh = sharding.make_mesh(cfg.mesh)
+  model_cfg, variables = step_lib.load_or_init_model(cfg, mesh)
+  state, _ = step_lib.init_train_state(cfg, model_cfg, variables, mesh)
+  metrics = evaluate.generation_eval(cfg, model_cfg, state, tok)
+  assert metrics["eval/gen/num_samples"] == len(records)
+  # A random model does not produce the reversed words in 3 tokens.
+  assert metrics["eval/gen/exact_match"] == 0.0
+  assert 0.0 <= metrics["eval/gen/rouge_l"] <= 1.0
+  assert 0 < metrics["eval/gen/mean_new_tokens"] <= 3

@@ -5,7 +5,8 @@ summary protos, so no TensorFlow is needed. One `MetricsWriter` serves the
 whole run; only process 0 writes, the others get a writer that does nothing.
 
 JSONL records look like `{"step": 12, "time": 1700000000.0, "train/loss":
-2.3, ...}`, one per logged step, in step order.
+2.3, ...}`, one per `write_scalars` call (a step's train and eval scalars
+are separate records), in step order.
 """
 
 import json
