@@ -197,7 +197,14 @@ def load_hf(path_or_hub_id: str, *, dtype=None, shardings=None):
             f"{files[name].shape(name)}, {config_path} implies {hf_shape}")
     plan[path] = (names, transform)
 
-  flat_shardings = _flatten(shardings) if shardings is not None else {}
+  flat_shardings = {}
+  if shardings is not None:
+    flat_shardings = _flatten(shardings)
+    if set(flat_shardings) != set(shapes):
+      raise ValueError(
+          f"load_hf({path_or_hub_id}): shardings do not match the params: "
+          f"missing {sorted(set(shapes) - set(flat_shardings))}, extra "
+          f"{sorted(set(flat_shardings) - set(shapes))}")
   out = {}
   for path, sds in shapes.items():
     names, transform = plan[path]

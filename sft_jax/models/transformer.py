@@ -220,14 +220,17 @@ class _LmHead(nn.Module):
     return self.kernel
 
 
+REMAT_POLICIES = ("none", "full", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable", "nothing_saveable",
+                  "everything_saveable")
+
+
 def _remat_policy(name: str):
-  if name == "full":
-    return None
-  policy = getattr(jax.checkpoint_policies, name, None)
-  if policy is None:
-    raise ValueError(f"unknown remat policy {name!r}: use 'none', 'full' or "
-                     "a jax.checkpoint_policies name")
-  return policy
+  """None (save nothing: recompute the layer) or a jax.checkpoint policy."""
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {name!r}; use one of "
+                     f"{', '.join(REMAT_POLICIES)}")
+  return None if name == "full" else getattr(jax.checkpoint_policies, name)
 
 
 def logits_from_hidden(hidden_BxTxD, w_DxV, cfg: ModelConfig):
