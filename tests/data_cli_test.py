@@ -92,7 +92,7 @@ def test_inspect_on_files(files, capsys):
                  "--cache-dir", str(d / "cache"), "--color", "never"])
   assert rc == 0
   out = capsys.readouterr().out
-  assert "examples: 3 kept, 0 truncated, 2 dropped" in out
+  assert "examples: 3 kept, 0 truncated, 0 split into rows, 2 dropped" in out
   assert "malformed_json: 1\n" in out and "no_assistant_turn: 1\n" in out
   assert f"      {d}/train.jsonl:4: the conversation has no reply" in out
   # Token-length percentiles and the supervised fraction of the train set,
@@ -160,3 +160,22 @@ def test_inspect_on_a_run_directory(files, tmp_path, capsys):
                    "0"]) == 0
   out = capsys.readouterr().out
   assert "seq_len: 96" in out and "examples: 3 kept" in out
+
+
+def test_dump_splits_long_text_into_rows(files, tmp_path, capsys):
+  d, _ = files
+  tok = tiny_tok.make_tokenizer()
+  tok.save_pretrained(str(tmp_path / "tok"))
+  (tmp_path / "t.jsonl").write_text(json.dumps(
+      {"text": "the quick brown fox jumps over the lazy dog " * 4}) + "\n")
+  out = tmp_path / "t_dump.jsonl"
+  assert cli.main(["data", "dump", "--tokenizer", str(tmp_path / "tok"),
+                   "--data", str(tmp_path / "t.jsonl"), "--out", str(out),
+                   "--max-length", "10"]) == 0
+  rows = [json.loads(l)["input_ids"] for l in out.read_text().splitlines()]
+  full = tok("the quick brown fox jumps over the lazy dog " * 4)["input_ids"]
+  full = full + [tok.eos_token_id]
+  assert all(len(r) <= 10 for r in rows) and len(rows) > 3
+  # Rows overlap by one token: their targets tile the document.
+  assert sum((r[1:] for r in rows), []) == full[1:]
+  assert "1 split into rows" in capsys.readouterr().out

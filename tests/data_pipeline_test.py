@@ -214,7 +214,10 @@ def test_fit_length_keeps_bos_and_final_reply():
   out, m, status = data.fit_length(ids, mask, 5, "truncate", bos_id=1)
   assert status == "too_long"
   out, m, status = data.fit_length(ids, np.ones(20, np.uint8), 6, "truncate")
-  assert status == "truncated" and out.tolist() == list(range(1, 7))
+  assert status == "split" and out.tolist() == list(range(1, 7))
+  assert data.split_starts(20, 6) == [0, 5, 10, 15]
+  assert data.split_starts(21, 6) == [0, 5, 10, 15]  # last row: 6 tokens
+  assert data.split_starts(22, 6) == [0, 5, 10, 15, 20]  # last row: 2
 
 
 def test_eval_batches_cover_each_example_once(cfg, tok):
@@ -287,3 +290,28 @@ def test_each_epoch_is_a_fresh_permutation(tmp_path, tok):
   rows = [tuple(r[r > 0]) for _ in range(6) for r in next(it)["tokens"]]
   want = list(_cached_examples(c, tok, "s"))
   assert rows == want + want
+
+
+
+def test_long_text_is_split_into_rows_covering_every_token(tmp_path, tok):
+  words = "the quick brown fox jumps over the lazy dog " * 6
+  c = data.default_config()
+  c.cache_dir = str(tmp_path / "cache")
+  c.packing = "pad"
+  c.shuffle = False
+  c.sources.t = data.source_config(path=_write_jsonl(
+      tmp_path / "t.jsonl", [{"text": words}]))
+  src = data.prepare_source("t", c.sources.t, c, tok, seq_len=16)
+  ids, _ = src.tokenized.example(0)
+  assert len(ids) > 40 and src.split == 1 and len(src.keep) == 1
+  n_rows = len(data.split_starts(len(ids), 17))
+  assert len(src.rows) == n_rows
+  it = iter(data.make_train_pipeline(c, tok, seq_len=16, batch_size=n_rows))
+  b = next(it)
+  # Row by row, the targets are the document's tokens 1.. in order, each once.
+  targets = np.concatenate([b["targets"][r][b["segment_ids"][r] > 0]
+                            for r in range(n_rows)])
+  np.testing.assert_array_equal(targets, ids[1:])
+  assert (b["loss_mask"][b["segment_ids"] > 0] == 1).all()
+  c.too_long = "drop"
+  assert len(data.prepare_source("t", c.sources.t, c, tok, seq_len=16).keep) == 0

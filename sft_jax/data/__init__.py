@@ -21,7 +21,8 @@ Decisions:
     plain concatenation, tokenizer BOS, completion + EOS supervised). Raw text
     gets the tokenizer's BOS, an EOS, and loss on every token.
   - Lengths are fitted after the cache (too_long: drop, or cut the prompt from
-    the left keeping the final reply and BOS; raw text keeps its head).
+    the left keeping the final reply and BOS; a fully supervised example such
+    as raw text is split into rows overlapping by one token).
   - batch_size is global; each process gets batch_size // process_count rows.
 """
 
@@ -36,6 +37,7 @@ from sft_jax.data.pipeline import make_eval_batches
 from sft_jax.data.pipeline import make_train_pipeline
 from sft_jax.data.pipeline import prepare_source
 from sft_jax.data.pipeline import source_names
+from sft_jax.data.pipeline import split_starts
 from sft_jax.data.render import chat_template
 from sft_jax.data.render import Encoder
 from sft_jax.data.render import load_tokenizer

@@ -119,12 +119,12 @@ def _dump(args) -> int:
   stream = cache.encode_records(src, tok, render.chat_template(
       config_lib.default_config(), tok), strict=args.strict, drops=drops)
   fmt = next(stream)
-  kept = truncated = 0
+  kept = truncated = split = 0
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:
     for where, ids, mask in stream:
       if args.max_length:
-        ids, mask, status = pipeline.fit_length(
+        fitted, fitted_mask, status = pipeline.fit_length(
             ids, mask, args.max_length, args.too_long, tok.bos_token_id)
         if status == "too_long":
           if args.strict:
@@ -133,11 +133,20 @@ def _dump(args) -> int:
           drops.add("too_long", where, f"> {args.max_length} tokens")
           continue
         truncated += status == "truncated"
-      f.write(json.dumps({"input_ids": ids.tolist(),
-                          "loss_mask": mask.tolist()}) + "\n")
+        split += status == "split"
+        if status == "split":  # one line per row, as training sees it
+          rows = [(ids[s:s + args.max_length], mask[s:s + args.max_length])
+                  for s in pipeline.split_starts(len(ids), args.max_length)]
+        else:
+          rows = [(fitted, fitted_mask)]
+      else:
+        rows = [(ids, mask)]
+      for row_ids, row_mask in rows:
+        f.write(json.dumps({"input_ids": row_ids.tolist(),
+                            "loss_mask": row_mask.tolist()}) + "\n")
       kept += 1
   print(f"format: {fmt}; wrote {kept} examples to {args.out} "
-        f"({truncated} truncated)")
+        f"({truncated} truncated, {split} split into rows)")
   print(drops.summary())
   return 0
 
@@ -218,7 +227,7 @@ def _inspect(args, overrides) -> int:
             f"{p.tokenized.fmt}, mask {src.mask}"
             + (f", weight {src.weight}" if split == "train" else "") + ")")
       print(f"  examples: {r.kept} kept, {r.truncated} truncated, "
-            f"{r.drops.total} dropped")
+            f"{r.num_split} split into rows, {r.drops.total} dropped")
       for line in r.drops.summary("  dropped", places=True).splitlines()[1:]:
         print("  " + line)
       pct = "  ".join(f"p{k}={v}" for k, v in r.length_pct.items())

@@ -28,6 +28,7 @@ class SourceReport:
   split: str  # "train" or "eval"
   kept: int
   truncated: int
+  num_split: int  # long fully supervised examples split into rows
   drops: object  # DropLog
   length_pct: dict  # percentile -> tokens
   supervised_fraction: float
@@ -45,7 +46,7 @@ def packing_efficiency(p: pipeline.PreparedSource, data_cfg, tok, seq_len):
   if not len(p.keep):
     return 0.0
   import grain  # pylint: disable=g-import-not-at-top
-  ds = grain.MapDataset.source(p.keep).map(pipeline.example_loader(
+  ds = grain.MapDataset.source(p.rows).map(pipeline.example_loader(
       p, 0, seq_len, data_cfg.too_long, tok.bos_token_id))
   real = total = 0
   for row in pipeline.pack(ds.to_iter_dataset(), data_cfg, seq_len, 0,
@@ -62,7 +63,7 @@ def source_report(name, split, p, data_cfg, tok, seq_len) -> SourceReport:
     _, m = p.tokenized.example(int(i))
     sup += int(m[1:].sum())
     tot += len(m) - 1
-  return SourceReport(name, split, len(p.keep), p.truncated, p.drops,
+  return SourceReport(name, split, len(p.keep), p.truncated, p.split, p.drops,
                       _percentiles(lengths), sup / max(tot, 1),
                       packing_efficiency(p, data_cfg, tok, seq_len))
 

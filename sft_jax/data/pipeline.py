@@ -41,11 +41,12 @@ def eval_source_names(data_cfg) -> list:
 def fit_length(ids, mask, max_len: int, policy: str, bos_id=None):
   """Fits an example to `max_len` tokens (before shifting).
 
-  Returns (ids, mask, status), status one of "ok", "truncated", "too_long".
-  "truncate" cuts the prompt from the left and keeps the final reply whole
-  (and a leading BOS); when every token is supervised (raw text, mask "all")
-  it keeps the first `max_len` tokens instead. A reply that alone does not fit
-  is "too_long" under either policy.
+  Returns (ids, mask, status), status one of "ok", "truncated", "split",
+  "too_long". "truncate" cuts the prompt from the left and keeps the final
+  reply whole (and a leading BOS). When every token is supervised (raw text,
+  mask "all") the example is "split" into rows (see split_starts) and the
+  first row is returned. A reply that alone does not fit is "too_long" under
+  either policy.
   """
   n = len(ids)
   if n <= max_len:
@@ -53,7 +54,7 @@ def fit_length(ids, mask, max_len: int, policy: str, bos_id=None):
   if policy == "drop":
     return ids, mask, "too_long"
   if mask.all():
-    return ids[:max_len], mask[:max_len], "truncated"
+    return ids[:max_len], mask[:max_len], "split"
   # Start of the last supervised run: the final reply.
   sup = np.flatnonzero(mask)
   breaks = np.flatnonzero(np.diff(sup) > 1)
@@ -67,12 +68,21 @@ def fit_length(ids, mask, max_len: int, policy: str, bos_id=None):
           np.concatenate([mask[head], mask[n - room:]]), "truncated")
 
 
+def split_starts(n: int, max_len: int) -> list:
+  """First tokens of the rows an n-token, fully supervised example is split
+  into: rows of max_len tokens overlapping by one, so after the shift every
+  token but the first is a target exactly once."""
+  return list(range(0, n - 1, max_len - 1))
+
+
 @dataclasses.dataclass
 class PreparedSource:
   """A tokenized source with its examples fitted to one sequence length."""
   tokenized: cache.TokenizedSource
-  keep: np.ndarray  # int64 indices of usable examples
-  truncated: int  # how many of them are cut to fit
+  keep: np.ndarray  # int64 [N]: indices of usable examples
+  rows: np.ndarray  # int64 [R, 2]: (example index, first token) per row
+  truncated: int  # examples whose prompt is cut from the left to fit
+  split: int  # long fully supervised examples split into several rows
   drops: DropLog  # tokenize-time drops plus too_long / too_short
 
 
@@ -86,23 +96,29 @@ def prepare_source(name, src, data_cfg, tok, *, seq_len: int) -> PreparedSource:
   drops.merge(tokenized.drops)
   lengths = tokenized.lengths
   max_len = seq_len + 1  # one token is lost to the shift
-  keep = [np.flatnonzero((lengths >= 2) & (lengths <= max_len))]
+  fits = np.flatnonzero((lengths >= 2) & (lengths <= max_len))
+  rows = [np.stack([fits, np.zeros_like(fits)], axis=1)]
   for i in np.flatnonzero(lengths < 2):
     drops.add("too_short", tokenized.where(i), "fewer than 2 tokens")
-  cut = []
+  truncated = split = 0
   for i in np.flatnonzero(lengths > max_len):
     ids, mask = tokenized.example(i)
     _, _, status = fit_length(ids, mask, max_len, data_cfg.too_long,
                               tok.bos_token_id)
-    if status == "truncated":
-      cut.append(i)
-    else:
+    if status == "too_long":
       drops.add("too_long", tokenized.where(i),
                 f"{lengths[i]} tokens, more than seq_len + 1 = {max_len}")
+      continue
+    starts = split_starts(len(ids), max_len) if status == "split" else [0]
+    rows.append(np.asarray([(i, s) for s in starts], np.int64))
+    truncated += status == "truncated"
+    split += status == "split"
   if data_cfg.strict and drops.total:
     raise drops.first_error(f"source {name!r}")
-  keep = np.sort(np.concatenate(keep + [np.asarray(cut, np.int64)]))
-  return PreparedSource(tokenized, keep, len(cut), drops)
+  rows = np.concatenate(rows).astype(np.int64).reshape(-1, 2)
+  rows = rows[np.lexsort((rows[:, 1], rows[:, 0]))]  # file order
+  return PreparedSource(tokenized, np.unique(rows[:, 0]), rows, truncated,
+                        split, drops)
 
 
 def _prepare_all(data_cfg, tok, seq_len, group):
@@ -115,16 +131,19 @@ def _prepare_all(data_cfg, tok, seq_len, group):
   for n, p in zip(names, prepared):
     # Drops are a warning, so they show even where logging is not set up.
     log = logging.warning if p.drops.total else logging.info
-    log("data source %r: %d examples (%d truncated); %s", n, len(p.keep),
-        p.truncated, p.drops.summary().replace("\n", ";"))
+    log("data source %r: %d examples (%d truncated, %d split into rows); %s",
+        n, len(p.keep), p.truncated, p.split,
+        p.drops.summary().replace("\n", ";"))
   return names, prepared
 
 
 def example_loader(p: PreparedSource, source_id, seq_len, policy, bos_id):
-  """Index -> shifted example dict of 1-D arrays."""
-  def load(i):
-    ids, mask = p.tokenized.example(int(i))
-    ids, mask, _ = fit_length(ids, mask, seq_len + 1, policy, bos_id)
+  """Row (example index, first token) -> shifted example dict of 1-D arrays."""
+  def load(row):
+    ids, mask = p.tokenized.example(int(row[0]))
+    start = int(row[1])
+    ids, mask, _ = fit_length(ids[start:], mask[start:], seq_len + 1, policy,
+                              bos_id)
     n = len(ids) - 1
     return {"tokens": ids[:-1].astype(np.int32),
             "targets": ids[1:].astype(np.int32),
@@ -202,7 +221,7 @@ def make_train_pipeline(data_cfg, tok, *, seq_len: int, batch_size: int,
     if not len(p.keep):
       raise DataError(f"data source {name!r} has no usable example at "
                       f"seq_len={seq_len}:\n{p.drops.summary()}")
-    ds = grain.MapDataset.source(p.keep)
+    ds = grain.MapDataset.source(p.rows)
     if data_cfg.shuffle:
       # A distinct permutation per source and per epoch (Grain reseeds the
       # shuffle by epoch when indexing past the end).
@@ -250,7 +269,7 @@ def make_eval_batches(data_cfg, tok, *, seq_len: int, batch_size: int,
     if not len(p.keep):
       raise DataError(f"eval set {name!r} has no usable example at "
                       f"seq_len={seq_len}:\n{p.drops.summary()}")
-    ds = grain.MapDataset.source(p.keep).map(example_loader(
+    ds = grain.MapDataset.source(p.rows).map(example_loader(
         p, sid, seq_len, data_cfg.too_long, tok.bos_token_id))
     packed = pack(ds.to_iter_dataset(), data_cfg, seq_len, 0,
                    shuffle_bins=False)
