@@ -172,6 +172,26 @@ template. Commands: /reset starts over, /exit (or Ctrl-D) quits.""",
     turn += 1
 
 
+def _record_options(run_dir: str) -> dict:
+  """Record field names and prompt rendering of a run's training sources,
+  so evaluation prompts are rendered as training rendered them."""
+  with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+    data = json.load(f)["data"]
+  sources = list(data.get("eval_sources", {}).values()) or list(
+      data.get("sources", {}).values())
+  options = {json.dumps([s.get("fields"), s.get("prompt_as_user_turn", True)],
+                        sort_keys=True) for s in sources}
+  if len(options) != 1:
+    # No source, or sources that disagree: the default field names.
+    return dict(fields=None, prompt_as_user_turn=True)
+  source = sources[0]
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  fields = source.get("fields")
+  return dict(
+      fields=ml_collections.ConfigDict(fields) if fields else None,
+      prompt_as_user_turn=bool(source.get("prompt_as_user_turn", True)))
+
+
 def eval_main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="sft-jax eval",
@@ -225,14 +245,17 @@ example:
   rows = prompting.read_jsonl(args.data)
   if not rows:
     parser.error(f"{args.data}: no records")
+  options = (_record_options(args.run) if run_dir is not None
+             else dict(fields=None, prompt_as_user_turn=True))
   for record, where in rows:  # fail on a bad record before loading weights
-    prompting.split_record(record, where)
+    prompting.split_record(record, where, **options)
   loaded = _load(args, args.run)
   result, samples = evaluate.generation_metrics(
       loaded.model_cfg, loaded.variables, loaded.tokenizer,
       [r for r, _ in rows], max_new_tokens=args.max_new_tokens,
       metrics=metrics, json_schema=schema, sampling=_sampling(args),
-      batch_size=args.batch_size, seed=args.seed, stop_ids=loaded.stop_ids)
+      batch_size=args.batch_size, seed=args.seed, stop_ids=loaded.stop_ids,
+      **options)
   name = args.name or os.path.splitext(os.path.basename(args.data))[0]
   prefix = "gen_" + re.sub(r"[^A-Za-z0-9_.-]", "_", name)
   writer = None

@@ -129,15 +129,16 @@ def generation_metrics(model_cfg, variables, tokenizer,
                        json_schema: dict[str, Any] | None = None,
                        sampling: sampling_lib.Sampling = sampling_lib.GREEDY,
                        batch_size: int = 8, seed: int = 0,
-                       stop_ids: Sequence[int] | None = None):
+                       stop_ids: Sequence[int] | None = None,
+                       fields=None, prompt_as_user_turn: bool = True):
   """Generates an answer for every record and scores it.
 
   Args:
     model_cfg: models.ModelConfig.
     variables: {"params": ..., optionally "lora": ...}.
     tokenizer: the run's tokenizer (its chat template renders prompts).
-    records: chat-style {"messages": [...]} (last message is the reference
-      assistant answer) or {"prompt", "completion"} records (raw prompt).
+    records: records in any training format (see prompting.split_record):
+      the last assistant turn (completion, alpaca output) is the reference.
     max_new_tokens: generation budget per record.
     metrics: names from ALL_METRICS.
     json_schema: the schema for the json_schema metric.
@@ -146,6 +147,8 @@ def generation_metrics(model_cfg, variables, tokenizer,
     seed: sampling seed.
     stop_ids: ids ending a generation (None: the tokenizer's EOS and the
       chat template's end-of-turn token).
+    fields, prompt_as_user_turn: how records are read, as the training
+      source's options of those names (None: the default field names).
 
   Returns:
     (metrics {name: float} plus "num_samples" and "mean_new_tokens",
@@ -155,7 +158,8 @@ def generation_metrics(model_cfg, variables, tokenizer,
   prompts, references, ids = [], [], []
   for i, record in enumerate(records):
     prompt, reference, raw = prompting.split_record(
-        record, f"record {i}")
+        record, f"record {i}", fields=fields,
+        prompt_as_user_turn=prompt_as_user_turn)
     prompts.append(prompt)
     references.append(reference)
     ids.append(prompting.encode_prompt(tokenizer, prompt, raw=raw))
