@@ -110,6 +110,37 @@ def test_chunked_ce_matches_full_logits_value_and_grads():
     np.testing.assert_allclose(out1[key], out2[key], rtol=1e-6, atol=1e-6)
 
 
+def test_fused_weighted_ce_matches_full_logits_value_and_grads():
+  rng = np.random.default_rng(1)
+  hidden = jnp.asarray(rng.normal(size=(2, 37, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(16, 50)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 50, (2, 37)), jnp.int32)
+  nll_w = jnp.asarray(rng.random((2, 37)) < 0.7, jnp.float32) / 13.0
+  logits_fn = lambda h, w: 3.0 * jnp.tanh(
+      jnp.einsum("btd,dv->btv", h, w) / 3.0)
+
+  def fused(h, w):
+    return loss_lib.weighted_ce(h, w, targets, nll_w, 0.1 * nll_w,
+                                logits_fn, 8)
+
+  def naive(h, w):
+    out = loss_lib.naive_token_losses(h, w, targets, logits_fn)
+    return jnp.sum(out["nll"] * nll_w + 0.1 * nll_w * out["log_z"]**2), out
+
+  # Scaled by 2.5 outside: the fused backward must apply the cotangent.
+  scaled = lambda f: lambda h, w: (2.5 * f(h, w)[0], f(h, w)[1])
+  (v1, out1), g1 = _jit(jax.value_and_grad(scaled(fused), (0, 1),
+                                           has_aux=True))(hidden, w)
+  (v2, out2), g2 = _jit(jax.value_and_grad(scaled(naive), (0, 1),
+                                           has_aux=True))(hidden, w)
+  np.testing.assert_allclose(v1, v2, rtol=1e-6)
+  for a, b in zip(g1, g2):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  for key in ("nll", "log_z", "correct"):
+    np.testing.assert_allclose(out1[key], out2[key], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(_jit(fused)(hidden, w)[0], v1 / 2.5, rtol=1e-6)
+
+
 def test_chunked_ce_never_builds_full_logits():
   hidden = jnp.zeros((2, 64, 16))
   w, targets = jnp.zeros((16, 1000)), jnp.zeros((2, 64), jnp.int32)
@@ -118,6 +149,12 @@ def test_chunked_ce_never_builds_full_logits():
   grad = jax.grad(lambda h, w: jnp.sum(fn(h, w)), (0, 1))
   hlo = jax.jit(grad).lower(hidden, w).as_text()
   assert "2x16x1000" in hlo  # one chunk of logits
+  assert "2x64x1000" not in hlo and "128x1000" not in hlo
+  fused = lambda h, w: loss_lib.weighted_ce(
+      h, w, targets, jnp.ones((2, 64)), jnp.zeros((2, 64)),
+      lambda a, b: jnp.einsum("btd,dv->btv", a, b), 16)[0]
+  hlo = jax.jit(jax.grad(fused, (0, 1))).lower(hidden, w).as_text()
+  assert "2x16x1000" in hlo
   assert "2x64x1000" not in hlo and "128x1000" not in hlo
 
 

@@ -1,15 +1,25 @@
 """Next-token cross-entropy computed in token chunks.
 
-The unembedding and softmax run over `chunk` tokens at a time inside a
-`lax.scan` whose body is rematerialised, so neither the forward nor the
-backward pass ever holds more than [chunk, V] float32 logits: with a 128k
-vocabulary and 16k tokens per device the full logits would take 8 GB, and
-their gradient as much again.
+The unembedding and softmax run over `chunk` positions at a time inside a
+`lax.scan`, so no pass ever holds more than [B, chunk, V] float32 logits:
+with a 128k vocabulary and 16k tokens per device the full logits would take
+8 GB, and their gradient as much again.
+
+Two forms:
+  token_losses  per-token values; the backward pass recomputes each chunk's
+                logits (evaluation, reference).
+  weighted_ce   the training loss sum(w_nll * nll + w_z * log_z^2) with its
+                gradients computed in the forward pass, chunk by chunk (a
+                custom VJP). The loss is linear in the per-token terms, so the
+                weights (mask / global token count) are known up front and
+                the backward pass only scales: three [chunk, D, V] matmuls
+                per chunk instead of four.
 
 Shapes: B = rows, T = positions, D = model width, V = vocabulary,
 C = positions per chunk, K = chunks, S = data sources.
 """
 
+import functools
 from typing import Callable
 
 import jax
@@ -63,6 +73,104 @@ def token_losses(hidden_BxTxD: jax.Array, w_DxV: jax.Array,
   unchunk = lambda x_KxBxC: x_KxBxC.swapaxes(0, 1).reshape(b, -1)[:, :t]
   nll, log_z, correct = map(unchunk, outs)
   return {"nll": nll, "log_z": log_z, "correct": correct}
+
+
+def _chunked(x_BxT_, chunk):
+  """[B, T, ...] -> [K, B, C, ...], T zero-padded to K * C."""
+  b, t = x_BxT_.shape[:2]
+  k = -(-t // chunk)
+  pad = [(0, 0), (0, k * chunk - t)] + [(0, 0)] * (x_BxT_.ndim - 2)
+  x = jnp.pad(x_BxT_, pad)
+  return x.reshape((b, k, chunk) + x.shape[2:]).swapaxes(0, 1)
+
+
+def _unchunked(x_KxBxC_, t):
+  """[K, B, C, ...] -> [B, T, ...] (drops the padding)."""
+  x = x_KxBxC_.swapaxes(0, 1)
+  return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :t]
+
+
+def _weighted_ce_scan(hidden_BxTxD, w_DxV, targets_BxT, nll_weight_BxT,
+                      z_weight_BxT, logits_fn, chunk, with_grads):
+  b, t, _ = hidden_BxTxD.shape
+  chunk = max(1, min(chunk, t))
+  xs = tuple(_chunked(x, chunk) for x in (hidden_BxTxD, targets_BxT,
+                                          nll_weight_BxT, z_weight_BxT))
+
+  def body(dw_DxV, x):
+    h_BxCxD, t_BxC, nw_BxC, zw_BxC = x
+    f = lambda h, w: logits_fn(h, w).astype(jnp.float32)
+    if with_grads:
+      logits_BxCxV, vjp = jax.vjp(f, h_BxCxD, w_DxV)
+    else:
+      logits_BxCxV = f(h_BxCxD, w_DxV)
+    log_z_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
+    onehot_BxCxV = jax.nn.one_hot(t_BxC, logits_BxCxV.shape[-1],
+                                  dtype=jnp.float32)
+    target_logit_BxC = jnp.sum(logits_BxCxV * onehot_BxCxV, axis=-1)
+    nll_BxC = log_z_BxC - target_logit_BxC
+    loss = jnp.sum(nll_BxC * nw_BxC + jnp.square(log_z_BxC) * zw_BxC)
+    correct_BxC = (jnp.argmax(logits_BxCxV, axis=-1) == t_BxC).astype(
+        jnp.float32)
+    out = (loss, nll_BxC, log_z_BxC, correct_BxC)
+    if not with_grads:
+      return dw_DxV, out
+    # d loss / d logits = (w_nll + 2 w_z log Z) softmax - w_nll onehot.
+    probs_BxCxV = jnp.exp(logits_BxCxV - log_z_BxC[..., None])
+    dlogits_BxCxV = ((nw_BxC + 2 * zw_BxC * log_z_BxC)[..., None] * probs_BxCxV
+                     - nw_BxC[..., None] * onehot_BxCxV)
+    dh_BxCxD, dw = vjp(dlogits_BxCxV)
+    return dw_DxV + dw.astype(jnp.float32), out + (dh_BxCxD,)
+
+  dw_DxV = jnp.zeros(w_DxV.shape, jnp.float32)
+  dw_DxV, outs = jax.lax.scan(body, dw_DxV, xs)
+  loss = jnp.sum(outs[0])
+  per_token = {"nll": _unchunked(outs[1], t), "log_z": _unchunked(outs[2], t),
+               "correct": _unchunked(outs[3], t)}
+  if not with_grads:
+    return (loss, per_token), None
+  dh_BxTxD = _unchunked(outs[4], t).astype(hidden_BxTxD.dtype)
+  return (loss, per_token), (dh_BxTxD, dw_DxV.astype(w_DxV.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def weighted_ce(hidden_BxTxD, w_DxV, targets_BxT, nll_weight_BxT,
+                z_weight_BxT, logits_fn, chunk):
+  """Weighted CE sum and per-token values, gradients fused into the forward.
+
+  Args:
+    hidden_BxTxD: final hidden states, compute dtype.
+    w_DxV: unembedding matrix.
+    targets_BxT: int32 target ids.
+    nll_weight_BxT: float32 weight of each token's -log p(target) (e.g.
+      loss_mask / number of supervised tokens in the global batch).
+    z_weight_BxT: float32 weight of each token's log(Z)^2 (z-loss).
+    logits_fn: (hidden_BxCxD, w_DxV) -> logits_BxCxV.
+    chunk: positions per chunk.
+
+  Returns:
+    (loss, {"nll", "log_z", "correct": [B, T] float32}); only `loss` carries
+    gradients (to hidden and w), the per-token values are for metrics.
+  """
+  return _weighted_ce_scan(hidden_BxTxD, w_DxV, targets_BxT, nll_weight_BxT,
+                           z_weight_BxT, logits_fn, chunk, False)[0]
+
+
+def _weighted_ce_fwd(hidden_BxTxD, w_DxV, targets_BxT, nll_weight_BxT,
+                     z_weight_BxT, logits_fn, chunk):
+  return _weighted_ce_scan(hidden_BxTxD, w_DxV, targets_BxT, nll_weight_BxT,
+                           z_weight_BxT, logits_fn, chunk, True)
+
+
+def _weighted_ce_bwd(logits_fn, chunk, grads, cotangents):
+  del logits_fn, chunk
+  g_loss = cotangents[0]  # Per-token outputs are metrics: no gradient.
+  dh_BxTxD, dw_DxV = grads
+  return ((g_loss * dh_BxTxD).astype(dh_BxTxD.dtype),
+          (g_loss * dw_DxV).astype(dw_DxV.dtype), None, None, None)
+
+
+weighted_ce.defvjp(_weighted_ce_fwd, _weighted_ce_bwd)
 
 
 def naive_token_losses(hidden_BxTxD, w_DxV, targets_BxT, logits_fn):

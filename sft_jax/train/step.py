@@ -286,20 +286,44 @@ def _num_sources(cfg: config_dict.ConfigDict) -> int:
   return max(1, len(cfg.data.sources))
 
 
-def _forward_sums(model_cfg, variables, batch, chunk, num_sources, z_loss):
-  """Un-normalised loss sums of a [B, T] batch (see loss.masked_sums)."""
+def _hidden_and_head(model_cfg, variables, batch):
+  """Final hidden states [B, T, D], the unembedding [D, V], the logits fn."""
   model = models.Transformer(model_cfg)
   hidden_BxTxD = model.apply(variables, batch["tokens"], batch["positions"],
                              batch["segment_ids"], return_hidden=True)
   w_DxV = models.unembedding(variables["params"], model_cfg)
   logits_fn = lambda h, w: models.logits_from_hidden(h, w, model_cfg)
+  return hidden_BxTxD, w_DxV, logits_fn
+
+
+def _source_id(batch):
+  source_id = batch.get("source_id")
+  return jnp.zeros_like(batch["targets"]) if source_id is None else source_id
+
+
+def _train_loss(model_cfg, variables, batch, denom, chunk, num_sources,
+                z_loss):
+  """(loss of this micro-batch / denom, un-normalised sums for metrics)."""
+  hidden_BxTxD, w_DxV, logits_fn = _hidden_and_head(model_cfg, variables,
+                                                    batch)
+  nll_weight_BxT = batch["loss_mask"].astype(jnp.float32) / denom
+  loss, per_token = loss_lib.weighted_ce(
+      hidden_BxTxD, w_DxV, batch["targets"], nll_weight_BxT,
+      z_loss * nll_weight_BxT, logits_fn, chunk)
+  sums = loss_lib.masked_sums(jax.lax.stop_gradient(per_token),
+                              batch["loss_mask"], _source_id(batch),
+                              num_sources, z_loss)
+  return loss, sums
+
+
+def _eval_sums(model_cfg, variables, batch, chunk, num_sources):
+  """Un-normalised loss sums of a [B, T] batch (see loss.masked_sums)."""
+  hidden_BxTxD, w_DxV, logits_fn = _hidden_and_head(model_cfg, variables,
+                                                    batch)
   losses = loss_lib.token_losses(hidden_BxTxD, w_DxV, batch["targets"],
                                  logits_fn, chunk)
-  source_id = batch.get("source_id")
-  if source_id is None:
-    source_id = jnp.zeros_like(batch["targets"])
-  return loss_lib.masked_sums(losses, batch["loss_mask"], source_id,
-                              num_sources, z_loss)
+  return loss_lib.masked_sums(losses, batch["loss_mask"], _source_id(batch),
+                              num_sources, 0.0)
 
 
 def _micro_batches(batch: Batch, k: int, mesh) -> Batch:
@@ -356,8 +380,8 @@ def make_train_step(cfg: config_dict.ConfigDict,
 
   def micro_loss(trainable, frozen, mb, denom):
     variables = partition.merge(trainable, frozen)
-    sums = _forward_sums(model_cfg, variables, mb, chunk, num_sources, z_loss)
-    return (sums["nll_sum"] + sums["z_sum"]) / denom, sums
+    return _train_loss(model_cfg, variables, mb, denom, chunk, num_sources,
+                       z_loss)
 
   grad_fn = jax.grad(micro_loss, has_aux=True)
 
@@ -429,8 +453,8 @@ def make_eval_step(cfg: config_dict.ConfigDict,
   chunk, num_sources = cfg.train.ce_chunk, _num_sources(cfg)
 
   def eval_step(state: TrainState, batch: Batch) -> dict:
-    sums = _forward_sums(model_cfg, variables_of(state), batch, chunk,
-                         num_sources, 0.0)
+    sums = _eval_sums(model_cfg, variables_of(state), batch, chunk,
+                      num_sources)
     del sums["z_sum"]
     return sums
 
