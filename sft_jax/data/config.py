@@ -78,8 +78,9 @@ def default_config() -> ml_collections.ConfigDict:
       # (the first ~1k records stay in-process). Worth raising on many-core
       # hosts; on 2 cores the batched tokenizer already uses both.
       tokenize_workers=1,
-      read_threads=0,  # Grain threads reading examples (0: inline; the
-      # cache is memory-mapped, so reads are cheap and threads mostly contend)
+      # Grain threads reading examples (0: inline; the cache is memory-mapped,
+      # so reads are cheap and threads mostly contend for the GIL).
+      read_threads=0,
       prefetch_batches=2,  # batches built ahead in a background thread
   ))
 
