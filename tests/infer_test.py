@@ -97,10 +97,17 @@ def test_export_merge_is_the_trained_model(run, merged):
   assert tok.convert_tokens_to_ids("<|im_end|>") in gen.eos_token_id
 
 
-def test_export_adapter_loads_in_peft_over_the_base(run, merged, tmp_path):
-  workdir, base, _ = run
-  out = str(tmp_path / "adapter")
+@pytest.fixture(scope="module")
+def adapter(run, tmp_path_factory):
+  workdir, _, _ = run
+  out = str(tmp_path_factory.mktemp("export") / "adapter")
   assert cli.export_main(["--run", workdir, "--out", out, "--adapter"]) == 0
+  return out
+
+
+def test_export_adapter_loads_in_peft_over_the_base(run, merged, adapter):
+  _, base, _ = run
+  out = adapter
   with open(os.path.join(out, "adapter_config.json")) as f:
     assert json.load(f)["base_model_name_or_path"] == base
   model = peft.AutoPeftModelForCausalLM.from_pretrained(
@@ -121,12 +128,17 @@ def _hf_reply(merged, prompt, max_new_tokens):
 
 
 def test_generate_and_chat_on_the_run_match_transformers(run, merged,
-                                                          capsys):
-  workdir, _, _ = run
+                                                          adapter, capsys):
+  workdir, base, _ = run
   want = _hf_reply(merged, "say 3", 12)
   assert len(want) > 3  # a real reply, not an immediate end of turn
   assert cli.generate_main(["--model", workdir, "--prompt", "say 3",
                             "--max-new-tokens", "12"]) == 0
+  assert capsys.readouterr().out == want + "\n"
+  # The base model with the exported adapter put over it: the same again.
+  assert cli.generate_main(["--model", base, "--adapter", adapter,
+                            "--prompt", "say 3", "--max-new-tokens", "12"]
+                           ) == 0
   assert capsys.readouterr().out == want + "\n"
   # chat on the merged export (a HF directory) gives the same reply.
   inputs, printed = iter(["say 3", "/exit"]), []

@@ -72,12 +72,13 @@ def load(model: str, *, step: int | None = None, adapter: str | None = None,
       raise ValueError(f"--step applies to run directories; {model!r} has no "
                        "checkpoints/ folder")
     import transformers  # pylint: disable=g-import-not-at-top
-    cfg, params = models.load_hf(model)
+    local = models.resolve(model)  # a hub id is downloaded once, here
+    cfg, params = models.load_hf(local)
     loaded = Loaded(
         model_cfg=cfg, variables={"params": params},
-        tokenizer=transformers.AutoTokenizer.from_pretrained(model),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(local),
         stop_ids=[], base_model=model)
-    extra = export.base_generation_config(model) or {}
+    extra = export.base_generation_config(local) or {}
   if adapter is not None:
     if "lora" in loaded.variables:
       raise ValueError(f"{model} already carries LoRA weights; export it "
