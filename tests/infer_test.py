@@ -208,6 +208,12 @@ def test_eval_writes_tensorboard_and_samples(run, merged, tmp_path):
   assert events[-1].step == r.step
   value = tensor_util.make_ndarray(events[-1].tensor_proto)
   assert float(value) == pytest.approx(1 / 3)
+  # What the training loop calls: unmerged LoRA variables, same answers.
+  metrics, samples = evaluate.generation_metrics(
+      r.model_cfg, {"params": r.params, "lora": r.lora}, r.tokenizer,
+      records, max_new_tokens=8, metrics=("exact_match",))
+  assert [s["prediction"] for s in samples] == preds
+  assert metrics["exact_match"] == pytest.approx(1 / 3)
 
 
 @pytest.mark.parametrize("main", [cli.generate_main, cli.chat_main,
