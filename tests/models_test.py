@@ -272,9 +272,13 @@ def test_save_hf_round_trip(fams, family, tmp_path):
   cfg, params = models.load_hf(str(tmp_path / "f32"))
   assert cfg == f.cfg
   jax.tree.map(np.testing.assert_array_equal, params, f.params)
-  # bf16, sharded: transformers reads what sft_jax reads.
+  # bf16, sharded: transformers reads what sft_jax reads. The directory
+  # first holds another save, whose files must not linger.
+  models.save_hf(f.cfg, f.params, str(tmp_path / "bf16"))
   names = models.save_hf(f.cfg, f.params, str(tmp_path / "bf16"),
                          dtype="bfloat16", max_shard_size="30KB")
+  assert sorted(names + ["config.json", "model.safetensors.index.json"]) == (
+      sorted(os.listdir(tmp_path / "bf16")))
   assert len(names) > 1
   cfg, params = models.load_hf(str(tmp_path / "bf16"))
   hf_model = tiny_hf.load_hf(tmp_path / "bf16")

@@ -264,6 +264,10 @@ def save_hf(cfg: ModelConfig, params, out_dir: str, *, dtype=None,
     dtype: stored dtype (default cfg.param_dtype), e.g. "bfloat16".
     max_shard_size: bytes, or a string like "5GB" / "500MiB".
 
+  Multi-host: call on every process (sharded leaves are gathered, one at a
+  time); only process 0 writes. Weight files of an earlier save in
+  `out_dir` are replaced.
+
   Returns:
     The safetensors file names written.
   """
@@ -292,11 +296,17 @@ def save_hf(cfg: ModelConfig, params, out_dir: str, *, dtype=None,
     shards[-1].append(entry)
     size += entry[4]
 
-  os.makedirs(out_dir, exist_ok=True)
-  hf_config = cfg.to_hf_config()
-  hf_config["torch_dtype"] = hf_config["dtype"] = dtype.name
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf_config, f, indent=2, sort_keys=True)
+  writer = jax.process_index() == 0
+  if writer:
+    os.makedirs(out_dir, exist_ok=True)
+    for old in os.listdir(out_dir):
+      if old == _INDEX or re.fullmatch(
+          r"model(-\d{5}-of-\d{5})?\.safetensors", old):
+        os.remove(os.path.join(out_dir, old))
+    hf_config = cfg.to_hf_config()
+    hf_config["torch_dtype"] = hf_config["dtype"] = dtype.name
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+      json.dump(hf_config, f, indent=2, sort_keys=True)
   file_names = ([_SINGLE] if len(shards) == 1 else
                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                  for i in range(len(shards))])
@@ -311,9 +321,10 @@ def save_hf(cfg: ModelConfig, params, out_dir: str, *, dtype=None,
       x = x.T if transform == "T" else x
       tensors[name] = np.ascontiguousarray(x.astype(dtype))
       weight_map[name] = file_name
-    safetensors.numpy.save_file(tensors, os.path.join(out_dir, file_name),
-                                metadata={"format": "pt"})
-  if len(shards) > 1:
+    if writer:
+      safetensors.numpy.save_file(tensors, os.path.join(out_dir, file_name),
+                                  metadata={"format": "pt"})
+  if writer and len(shards) > 1:
     total = sum(e[4] for e in entries)
     with open(os.path.join(out_dir, _INDEX), "w") as f:
       json.dump({"metadata": {"total_size": total},
