@@ -136,7 +136,10 @@ class Checkpointer:
         best_fn=best_fn, best_mode=best_mode,
         preservation_policy=ocp_managers.AnyPreservationPolicy(policies),
         enable_async_checkpointing=async_save, read_only=read_only,
-        create=not read_only)
+        create=not read_only,
+        # Half-written steps of a killed process are never resumed from;
+        # clear them when the run restarts.
+        cleanup_tmp_directories=not read_only)
     self.directory = os.path.abspath(directory)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,

@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -76,7 +77,10 @@ class _Preemption:
     self._flag = False
     self._multi = jax.process_count() > 1
     self._previous = None
-    if not self._multi:
+    # Signal handlers can only be set from the main thread; a loop run from
+    # another thread leaves SIGTERM to its caller.
+    main_thread = threading.current_thread() is threading.main_thread()
+    if not self._multi and main_thread:
       self._previous = signal.signal(signal.SIGTERM, self._on_signal)
 
   def _on_signal(self, signum, frame):
