@@ -377,8 +377,9 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
     writer.close()
 
   if reason != "nonfinite" and host.last:
-    bar.write(f"Stopped at step {step} ({reason}): train/loss "
-              f"{host.last['train/loss']:.4f}; run directory {workdir}")
+    bar.write(f"{reason.replace('_', ' ').capitalize()} at step {step}: "
+              f"train/loss {host.last['train/loss']:.4f}; run directory "
+              f"{workdir}")
   if reason == "preempted":
     print(f"Preempted: saved step {step}; rerun the same command to resume.",
           file=sys.stderr, flush=True)
