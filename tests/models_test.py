@@ -339,6 +339,23 @@ def test_peft_tensors_reproduce_our_lora_in_peft(fams, family):
   jax.tree.map(np.testing.assert_array_equal, back, lora)
 
 
+@pytest.mark.parametrize("family,overrides", [
+    # Linear rope scaling on the global layers only.
+    ("gemma3", dict(rope_scaling={"rope_type": "linear", "factor": 8.0})),
+    # Sliding window from layer 1 on.
+    ("qwen2", dict(use_sliding_window=True, sliding_window=5,
+                   max_window_layers=1, layer_types=None)),
+    ("llama", dict(mlp_bias=True, head_dim=8)),
+])
+def test_config_variants_match_transformers(family, overrides, tmp_path):
+  path = tiny_hf.make_tiny_hf(family, tmp_path / "m", **overrides)
+  cfg, params = models.load_hf(path)
+  tokens = _batch()[0][[0, 2]]
+  ref = _torch_logits(tiny_hf.load_hf(path), tokens)
+  ours = _forward(cfg, {"params": params})[[0, 2]]
+  np.testing.assert_allclose(ours, ref, atol=_TOL, rtol=0)
+
+
 @pytest.mark.parametrize("family,change", [
     ("gemma2", dict(attn_softcap=None)),
     ("gemma2", dict(final_softcap=None)),
@@ -440,6 +457,27 @@ def test_config_round_trips_through_hf_dict(fams):
   for f in fams.values():
     again = models.ModelConfig.from_hf_config(f.cfg.to_hf_config())
     assert again == f.cfg
+
+
+def test_transformers4_config_spelling_reads_the_same(fams):
+  """rope_theta/rope_scaling (4.x) == rope_parameters (5.x); gemma3's
+  rope_local_base_freq and sliding_window_pattern without layer_types."""
+  llama3 = fams["llama3"].cfg.to_hf_config()
+  legacy = {k: v for k, v in llama3.items()
+            if k not in ("rope_parameters", "layer_types")}
+  legacy["rope_scaling"] = dict(llama3["rope_parameters"], type="llama3")
+  del legacy["rope_scaling"]["rope_type"]
+  assert models.ModelConfig.from_hf_config(legacy) == fams["llama3"].cfg
+  gemma3 = fams["gemma3"].cfg
+  legacy = {k: v for k, v in gemma3.to_hf_config().items()
+            if k not in ("rope_parameters", "layer_types")}
+  legacy.update(rope_theta=10000.0, rope_local_base_freq=100.0,
+                sliding_window_pattern=2)
+  assert models.ModelConfig.from_hf_config(legacy) == gemma3
+  legacy.update(rope_scaling={"rope_type": "linear", "factor": 8.0})
+  scaled = models.ModelConfig.from_hf_config(legacy)
+  assert scaled.rope == models.RopeConfig(10000.0, "linear", 8.0)
+  assert scaled.rope_local == gemma3.rope_local  # local layers unscaled
 
 
 # Bad inputs: each error names the file and the tensor.
