@@ -264,7 +264,9 @@ class Transformer(nn.Module):
       tokens_BxT, positions_BxT, segment_ids_BxT: int32; segment 0 = padding.
       cache: optional `init_cache` dict; the new tokens are written at
         slots [cache_index, cache_index + T) and attend to every filled slot.
-      cache_index: int32 scalar write offset (required with `cache`).
+      cache_index: int32 scalar write offset (required with `cache`). The
+        caller keeps cache_index + T <= max_len: a Python int is checked, a
+        traced one cannot be (dynamic_update_slice would clamp it).
       return_hidden: return the final-normed hidden states [B, T, D]
         instead of logits.
 
