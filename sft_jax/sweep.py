@@ -618,7 +618,8 @@ def _parser() -> argparse.ArgumentParser:
           "`tensorboard --logdir DIR` (HParams tab)."),
       epilog=(
           "examples:\n"
-          "  sft-jax sweep experiments/tiny_mix.py --workdir runs/tiny_mix\n"
+          "  sft-jax sweep experiments/qwen25_7b_full_mix.py --workdir "
+          "runs/q7b_mix\n"
           "  sft-jax sweep experiments/llama31_8b_lora_mix.py --workdir W "
           "--dry-run\n"
           "  sft-jax sweep EXP.py --workdir W -- --config.train.steps=20"))

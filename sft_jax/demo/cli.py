@@ -35,9 +35,10 @@ The embedded demo: builds a small base model, its tokenizer and data locally
   domain SFT on a JSON-extraction task, swept over the share of general chat
   mixed in (0, 0.25, 0.5),
 
-and shows before vs after: held-out exact match and JSON validity of the
-greedy answers, and the loss on held-out general chat (forgetting). About ten
-minutes on 2 CPU cores.
+and shows before vs after: on the held-out task, exact match and JSON
+validity of the greedy answers and the answer loss / token accuracy; on
+held-out general chat, the loss (forgetting). About ten minutes or less on
+2 CPU cores.
 
 Outputs under WORKDIR:
   demo.png         the plot          results.md / results.json   the numbers

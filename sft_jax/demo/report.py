@@ -6,6 +6,7 @@ point. Both evaluate the same held-out sets:
 
   eval/gen/exact_match   greedy answer == reference JSON string (domain task)
   eval/gen/json_valid    greedy answer parses as JSON
+  eval/domain/accuracy   next-token accuracy on the reference answers
   eval/domain/loss       nats/token on the reference answers
   eval/general/loss      nats/token on held-out human chat (forgetting)
 """
@@ -20,6 +21,7 @@ SHARE_KEY = "data.sources.general.weight"
 METRICS = {
     "exact_match": "eval/gen/exact_match",
     "json_valid": "eval/gen/json_valid",
+    "domain_accuracy": "eval/domain/accuracy",
     "domain_loss": "eval/domain/loss",
     "general_loss": "eval/general/loss",
 }
@@ -27,6 +29,7 @@ SWEEP_METRICS = tuple(METRICS.values()) + ("train/loss",)
 _LABELS = {
     "exact_match": "exact match (held-out task)",
     "json_valid": "valid JSON (held-out task)",
+    "domain_accuracy": "answer token accuracy (held-out task)",
     "domain_loss": "task answer loss (nats/token)",
     "general_loss": "general chat loss (nats/token)",
 }
@@ -98,7 +101,8 @@ def plot(results: dict, path: str) -> str:
   fig, axes = plt.subplots(1, 3, figsize=(14, 4))
 
   ax = axes[0]
-  for name, color in (("exact_match", "tab:blue"), ("json_valid", "tab:green")):
+  for name, color in (("exact_match", "tab:blue"), ("json_valid", "tab:green"),
+                      ("domain_accuracy", "tab:orange")):
     ax.plot(shares, [r[name] for r in after], "o-", color=color,
             label=f"after SFT: {_LABELS[name]}")
     ax.axhline(before[name], color=color, ls="--", alpha=0.6,
@@ -170,8 +174,9 @@ def write(root: str, results: dict) -> dict[str, str]:
 def how_to_read(root: str, files: dict[str, str]) -> str:
   return f"""\
 Plot: {files['png']}
-  left    held-out exact match and JSON validity of greedy answers against
-          the share of general chat mixed into SFT; dashed = before SFT.
+  left    held-out task: exact match and JSON validity of greedy answers,
+          and next-token accuracy on the reference answers, against the
+          share of general chat mixed into SFT; dashed = before SFT.
   middle  held-out losses: task answers (purple) and general chat (red,
           forgetting); dashed = before SFT.
   right   general chat loss over training: it falls during continued
