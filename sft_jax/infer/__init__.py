@@ -5,5 +5,6 @@
   prompting   chat templating of prompts, stop ids, evaluation records
   evaluate    generation metrics (exact match, ROUGE-L, BLEU, JSON) + logging
   export      merged Hugging Face export, PEFT adapter export and import
+  loading     a run directory or HF checkpoint (+ PEFT adapter) for inference
   cli         `sft-jax generate | chat | eval | export`
 """
