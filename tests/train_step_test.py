@@ -6,6 +6,7 @@ sharding_test.py.
 
 import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -423,3 +424,18 @@ def test_optimizers_minimise_a_quadratic(name):
     return jax.lax.fori_loop(0, 20, body, (params, tx.init(params)))[0]
 
   assert float(loss(run(params))) < 0.7 * float(loss(params))
+
+
+def test_bench_prints_consistent_figures(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  assert bench.main(["--config", "configs/tiny.py:method=lora", "--steps", "2",
+                     "--warmup", "0", "--config.train.seq_len=32",
+                     "--out", str(out)]) == 0
+  figures = json.loads(capsys.readouterr().out)
+  assert figures == json.loads(out.read_text())
+  assert figures["method"] == "lora" and figures["seq_len"] == 32
+  np.testing.assert_allclose(figures["tokens_per_s"],
+                             8 * 32 / figures["step_s"], rtol=1e-3)
+  assert figures["compile_s"] > 0 and figures["mfu"] is None  # CPU
+  assert figures["trainable_params"] < figures["total_params"]
+  assert np.isfinite(figures["loss"])

@@ -22,7 +22,7 @@ padding, ~60% supervised tokens). Prints one JSON object.
 MFU counts model FLOPs the MaxText way with causal attention:
 6 * N_matmul + 6 * L * T * H * K per token (unembedding included); LoRA uses
 4 * N_matmul + attention + 6 * N_lora. MFU is null on devices without a known
-peak (CPU).
+peak (CPU). Any --config.KEY=VALUE overrides a config key.
 """
 
 _EPILOG = """\
@@ -40,7 +40,7 @@ def _parser():
   p.add_argument("--config", required=True, metavar="FILE[:ARG]",
                  help="config file, e.g. configs/presets/llama3_1b.py")
   p.add_argument("--steps", type=int, default=5,
-                 help="timed steps after warmup (default 5)")
+                 help="timed steps after warmup (default 5, at least 1)")
   p.add_argument("--warmup", type=int, default=2,
                  help="untimed steps after compiling (default 2)")
   p.add_argument("--out", metavar="FILE", help="also write the JSON here")
@@ -106,7 +106,7 @@ def run(cfg, steps: int = 5, warmup: int = 2) -> dict:
 
   for _ in range(warmup):
     state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
+  jax.block_until_ready(state)
   times = []
   for _ in range(steps):
     start = time.perf_counter()
@@ -162,7 +162,10 @@ def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   overrides, rest = config_lib.split_argv(argv)
-  args = _parser().parse_args(rest)
+  parser = _parser()
+  args = parser.parse_args(rest)
+  if args.steps < 1 or args.warmup < 0:
+    parser.error("--steps must be >= 1 and --warmup >= 0")
   try:
     cfg = config_lib.load_config(args.config, overrides)
   except config_lib.ConfigError as e:
