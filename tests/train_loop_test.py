@@ -129,16 +129,20 @@ def _final_params(workdir, step=STEPS):
   return run, jax.tree.map(np.asarray, run.params)
 
 
-@pytest.fixture(scope="module")
-def reference(inputs):
-  """The uninterrupted run."""
-  workdir = inputs["tmp"] / "reference"
-  proc = _ok(_train(inputs, workdir))
-  return workdir, proc
+def test_cli_trains_logs_and_resumes_exactly(inputs):
+  """One uninterrupted run, checked, then the interrupted run against it.
+
+  A single test so that parallel test workers never train the reference
+  twice.
+  """
+  reference = inputs["tmp"] / "reference"
+  _ok(_train(inputs, reference))
+  _check_training_and_run_directory(reference)
+  _check_tensorboard(reference)
+  _check_sigterm_and_kill_then_resume(inputs, reference)
 
 
-def test_cli_trains_and_writes_the_run_directory(inputs, reference):
-  workdir, proc = reference
+def _check_training_and_run_directory(workdir):
   records = _records_by_step(workdir)
   assert sorted(s for s in records if s > 0) == list(range(1, STEPS + 1))
   losses = [records[s]["train/loss"] for s in range(1, STEPS + 1)]
@@ -172,11 +176,10 @@ def test_cli_trains_and_writes_the_run_directory(inputs, reference):
   assert run_lib.checkpoint_steps(str(workdir)) == sorted({8, 12, best})
 
 
-def test_tensorboard_reads_back_the_curves(reference):
+def _check_tensorboard(workdir):
   from tensorboard.backend.event_processing import plugin_event_accumulator as event_accumulator  # pylint: disable=g-import-not-at-top
   from tensorboard.plugins.hparams import plugin_data_pb2  # pylint: disable=g-import-not-at-top
   from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
-  workdir, _ = reference
   acc = event_accumulator.EventAccumulator(
       str(workdir / "tb"), size_guidance={event_accumulator.TENSORS: 0})
   acc.Reload()
@@ -206,9 +209,8 @@ def test_tensorboard_reads_back_the_curves(reference):
   assert start[0].hparams["method.name"].string_value == "full"
 
 
-def test_sigterm_and_kill_then_resume_equal_the_uninterrupted_run(
-    inputs, reference):
-  ref_dir, _ = reference
+def _check_sigterm_and_kill_then_resume(inputs, ref_dir):
+  """SIGTERM, resume, SIGKILL, resume: equal to the uninterrupted run."""
   workdir = inputs["tmp"] / "interrupted"
   from sft_jax.train import run as run_lib  # pylint: disable=g-import-not-at-top
 
