@@ -25,7 +25,6 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sft_jax.models import attention as attention_lib
 from sft_jax.models.config import ModelConfig
@@ -361,7 +360,3 @@ def init_lora(cfg: ModelConfig, rng):
   if cfg.lora is None:
     raise ValueError("cfg.lora is None")
   return init(cfg, rng)["lora"]
-
-
-def param_count(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
