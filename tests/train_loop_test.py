@@ -44,6 +44,13 @@ def get_config(arg=None):
   c.checkpoint.best_metric = "eval/heldout/loss"
   c.log.every_steps = 1
   c.eval.every_steps = 6
+  # Eval loss only falls here, so with mode "max" nothing after the first
+  # eval counts as an improvement: the run must stop at its second eval
+  # (step 12, also the last) -- after a resume too, which needs the stopping
+  # state from the checkpoint.
+  c.eval.early_stop_metric = "eval/heldout/loss"
+  c.eval.early_stop_mode = "max"
+  c.eval.early_stop_patience = 1
   return c
 '''
 
@@ -136,7 +143,8 @@ def test_cli_trains_logs_and_resumes_exactly(inputs):
   twice.
   """
   reference = inputs["tmp"] / "reference"
-  _ok(_train(inputs, reference))
+  proc = _ok(_train(inputs, reference))
+  assert "Early stop at step 12" in proc.stdout, proc.stdout[-2000:]
   _check_training_and_run_directory(reference)
   _check_tensorboard(reference)
   _check_sigterm_and_kill_then_resume(inputs, reference)
@@ -234,6 +242,9 @@ def _check_sigterm_and_kill_then_resume(inputs, ref_dir):
   # 3. Resume to the end.
   proc = _ok(_train(inputs, workdir))
   assert "Resuming from the checkpoint of step 8" in proc.stdout
+  # The eval of step 6 ran before the kill; its early-stopping state came
+  # back with checkpoint 8.
+  assert "Early stop at step 12" in proc.stdout, proc.stdout[-2000:]
 
   ref, got = _records_by_step(ref_dir), _records_by_step(workdir)
   assert sorted(got) == sorted(ref)

@@ -18,6 +18,7 @@ plus, when a best metric is set, the best step by that metric.
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Mapping
 
@@ -26,6 +27,17 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_managers
 
 _STATE, _DATA, _CONFIG, _TOKENIZER = "state", "data", "config", "tokenizer"
+
+
+class _NoMetricsNotice(logging.Filter):
+  """Drops Orbax's warning for saves without eval metrics: only evaluated
+  steps carry them, by design."""
+
+  def filter(self, record):
+    return "did not provide metrics" not in record.getMessage()
+
+
+_NO_METRICS_NOTICE = _NoMetricsNotice()
 
 
 class _ProcessJsonHandler(ocp.CheckpointHandler):
@@ -132,6 +144,8 @@ class Checkpointer:
     # best_fn is what makes Orbax write each step's metrics to disk, so the
     # best step is still known after a restart.
     best_fn = (lambda metrics: metrics[best_metric]) if best_metric else None
+    if best_metric:
+      logging.getLogger("absl").addFilter(_NO_METRICS_NOTICE)  # Added once.
     options = ocp.CheckpointManagerOptions(
         best_fn=best_fn, best_mode=best_mode,
         preservation_policy=ocp_managers.AnyPreservationPolicy(policies),
