@@ -66,8 +66,10 @@ def _events(logdir):
   out = {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
          for tag in acc.Tags()["scalars"]}
   for tag in acc.Tags()["tensors"]:
-    out[tag] = [(e.step, tensor_util.make_ndarray(e.tensor_proto).item())
-                for e in acc.Tensors(tag)]
+    values = [(e.step, tensor_util.make_ndarray(e.tensor_proto))
+              for e in acc.Tensors(tag)]
+    if all(v.size == 1 for _, v in values):  # scalars, not HParams protos
+      out[tag] = [(step, v.item()) for step, v in values]
   return out
 
 

@@ -54,7 +54,7 @@ SIZES = {
     "full": Size(general_train=400, general_eval=20, domain_train=2500,
                  domain_eval=64, vocab_size=2048, hidden=128, layers=4,
                  heads=4, kv_heads=2, mlp=256, seq_len=256, batch_size=4,
-                 cpt_steps=100, sft_steps=200, eval_every=100,
+                 cpt_steps=100, sft_steps=200, eval_every=50,
                  max_new_tokens=48, max_chars=450, shares=(0.0, 0.25, 0.5)),
     "tiny": Size(general_train=40, general_eval=4, domain_train=200,
                  domain_eval=8, vocab_size=400, hidden=32, layers=2, heads=2,

@@ -66,9 +66,11 @@ def evaluate(root: str, sft_spec: str, size) -> dict:
   curves = {"cpt": _curve(os.path.join(root, "cpt"), METRICS["general_loss"])}
   for point, row in zip(
       sweep.sweep_points(sft_spec, os.path.join(root, "sft")), after):
+    # Each SFT run starts from the end of CPT.
     curves[f"sft share={row['share']:g}"] = [
-        (before["step"] + s, v)
-        for s, v in _curve(point.workdir, METRICS["general_loss"])]
+        (before["step"], before["general_loss"])] + [
+            (before["step"] + s, v)
+            for s, v in _curve(point.workdir, METRICS["general_loss"])]
   return {"before": before, "after": after, "curves": curves,
           "size": {"cpt_steps": size.cpt_steps, "sft_steps": size.sft_steps,
                    "domain_eval": size.domain_eval}}
