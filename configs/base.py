@@ -35,6 +35,7 @@ def get_config(arg=None):
   c.method.lora.rslora = False  # rsLoRA scaling alpha / sqrt(r).
   c.method.lora.targets = (  # Regex of module names that get adapters.
       r"q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj")
+  c.method.lora.init_adapter = ""  # PEFT adapter dir to start from ("" = fresh, B = 0).
 
   c.optim = config_dict.ConfigDict()
   c.optim.name = "adamw"  # "adamw" | "sgd" | "lion" | "adafactor".

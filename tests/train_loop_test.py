@@ -393,8 +393,13 @@ def test_generation_eval_hook_scores_generated_answers(tmp_path):
   mesh = sharding.make_mesh(cfg.mesh)
   model_cfg, variables = step_lib.load_or_init_model(cfg, mesh)
   state, _ = step_lib.init_train_state(cfg, model_cfg, variables, mesh)
-  metrics = evaluate.generation_eval(cfg, model_cfg, state, tok)
+  metrics = evaluate.generation_eval(cfg, model_cfg, state, tok,
+                                     out_dir=str(tmp_path / "eval"), step=7)
   assert metrics["eval/gen/num_samples"] == len(records)
+  # The sample generations are saved beside the metrics.
+  saved = json.loads((tmp_path / "eval" / "gen_step_7.json").read_text())
+  assert saved["step"] == 7 and len(saved["samples"]) == len(records)
+  assert saved["metrics"]["exact_match"] == metrics["eval/gen/exact_match"]
   # A random model does not produce the reversed words in 3 tokens.
   assert metrics["eval/gen/exact_match"] == 0.0
   assert 0.0 <= metrics["eval/gen/rouge_l"] <= 1.0

@@ -439,3 +439,27 @@ def test_bench_prints_consistent_figures(tmp_path, capsys):
   assert figures["compile_s"] > 0 and figures["mfu"] is None  # CPU
   assert figures["trainable_params"] < figures["total_params"]
   assert np.isfinite(figures["loss"])
+
+
+def test_lora_starts_from_a_peft_adapter(tmp_path):
+  """method.lora.init_adapter: continue training an exported PEFT adapter."""
+  from sft_jax.infer import export  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.load_config("configs/tiny.py:method=lora")
+  mesh = sharding.make_mesh(cfg.mesh)
+  model_cfg, variables = step_lib.load_or_init_model(cfg, mesh)
+  # Non-zero B, so the adapter is not the identity and order matters.
+  leaves, treedef = jax.tree.flatten(variables["lora"])
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  lora = jax.tree.unflatten(treedef, [
+      np.asarray(x) + 0.05 * np.asarray(jax.random.normal(k, x.shape))
+      for x, k in zip(leaves, keys)])
+  export.export_adapter(model_cfg, lora, str(tmp_path / "adapter"),
+                        base_model="tiny-base")
+  cfg2 = config_lib.load_config("configs/tiny.py:method=lora", [
+      f"--config.method.lora.init_adapter={tmp_path / 'adapter'}"])
+  _, variables2 = step_lib.load_or_init_model(cfg2, mesh)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      np.asarray(b), a, rtol=1e-6, atol=1e-7), lora, variables2["lora"])
+  # The base weights are untouched by the adapter.
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(
+      np.asarray(a), np.asarray(b)), variables["params"], variables2["params"])

@@ -70,8 +70,13 @@ def _summarise(prefix: str, sums: Mapping[str, float]) -> dict[str, float]:
 
 
 def generation_eval(cfg: config_dict.ConfigDict, model_cfg, state: Any,
-                    tokenizer) -> dict[str, float]:
-  """`eval/gen/<metric>` of generating answers for `eval.generate_data`."""
+                    tokenizer, *, out_dir: str | None = None,
+                    step: int = 0) -> dict[str, float]:
+  """`eval/gen/<metric>` of generating answers for `eval.generate_data`.
+
+  With `out_dir`, the metrics and every sample generation are also written to
+  `{out_dir}/gen_step_{step}.json`.
+  """
   # Imported here: generation pulls in the decoding code, which only runs
   # when generation-based evaluation is switched on.
   from sft_jax.infer import evaluate as infer_eval  # pylint: disable=g-import-not-at-top
@@ -82,11 +87,13 @@ def generation_eval(cfg: config_dict.ConfigDict, model_cfg, state: Any,
   records = [r for r, _ in prompting.read_jsonl(cfg.eval.generate_data)]
   if cfg.eval.generate_max_records:
     records = records[:cfg.eval.generate_max_records]
-  metrics, _ = infer_eval.generation_metrics(
+  metrics, samples = infer_eval.generation_metrics(
       model_cfg, step_lib.variables_of(state), tokenizer, records,
       max_new_tokens=cfg.eval.generate_max_new_tokens,
       metrics=tuple(cfg.eval.generate_metrics),
       batch_size=cfg.eval.generate_batch_size, seed=cfg.seed)
+  if out_dir is not None:
+    infer_eval.write_results(out_dir, step, metrics, samples, prefix="gen")
   return {f"eval/gen/{k}": float(v) for k, v in metrics.items()}
 
 

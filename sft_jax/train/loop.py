@@ -349,8 +349,9 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
       if do_eval:
         eval_metrics = evaluate.eval_losses(eval_step, state, eval_sets, mesh)
         if cfg.eval.generate:
-          eval_metrics.update(evaluate.generation_eval(cfg, model_cfg, state,
-                                                       tok))
+          eval_metrics.update(evaluate.generation_eval(
+              cfg, model_cfg, state, tok, step=step,
+              out_dir=os.path.join(workdir, "eval") if is_main else None))
         writer.write_scalars(step, eval_metrics)
         bar.write(f"step {step}: " + "  ".join(
             f"{k} {v:.4f}" for k, v in eval_metrics.items()

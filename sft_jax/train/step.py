@@ -144,13 +144,31 @@ def load_or_init_model(cfg: config_dict.ConfigDict, mesh: jax.sharding.Mesh
   _, shardings = _shapes_and_shardings(model_cfg, mesh, rules)
   rng = jax.random.key(cfg.seed)
   if cfg.model.init == "random" or not cfg.model.path:
-    return model_cfg, _jitted_init(model_cfg, mesh, rules, None)(rng)
+    variables = _jitted_init(model_cfg, mesh, rules, None)(rng)
+    if "lora" in variables and cfg.method.lora.init_adapter:
+      variables["lora"] = _init_lora(cfg, model_cfg, mesh, rules, rng,
+                                     shardings["lora"])
+    return model_cfg, variables
   _, params = models.load_hf(cfg.model.path, dtype=cfg.model.param_dtype,
                              shardings=shardings["params"])
   variables = {"params": params}
   if "lora" in shardings:
-    variables["lora"] = _jitted_init(model_cfg, mesh, rules, "lora")(rng)
+    variables["lora"] = _init_lora(cfg, model_cfg, mesh, rules, rng,
+                                   shardings["lora"])
   return model_cfg, variables
+
+
+def _init_lora(cfg, model_cfg, mesh, rules, rng, lora_shardings):
+  """Fresh adapters (B = 0), or `method.lora.init_adapter`'s PEFT weights."""
+  if not cfg.method.lora.init_adapter:
+    return _jitted_init(model_cfg, mesh, rules, "lora")(rng)
+  # Imported here: only runs when continuing from an existing adapter.
+  from sft_jax.infer import export  # pylint: disable=g-import-not-at-top
+  lora = export.load_peft_adapter(cfg.method.lora.init_adapter, model_cfg)
+  return jax.tree.map(
+      lambda x, s: jax.make_array_from_callback(
+          x.shape, s, lambda idx, x=x: np.asarray(x)[idx]),
+      lora, lora_shardings)
 
 
 # --- trainable / frozen ----------------------------------------------------
