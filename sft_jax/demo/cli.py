@@ -14,7 +14,6 @@ resumes, so re-running the command continues where it stopped.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
