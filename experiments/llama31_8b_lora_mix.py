@@ -77,6 +77,13 @@ def get_config(arg=None):
   c.data.eval_sources.general = data_config.source_config(
       split="test_sft", max_records=1000, **general)
   c.data.packing = "best_fit"
+
+  c.eval.every_steps = 200  # both held-out sets: the sweep's two axes
+  c.eval.batch_size = 64
+  c.checkpoint.every_steps = 500
+  c.checkpoint.keep = 2
+  c.checkpoint.best_metric = "eval/domain/loss"
+  c.log.every_steps = 10
   return c
 
 

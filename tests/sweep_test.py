@@ -325,3 +325,21 @@ def test_real_tiny_training_sweep(tmp_path):
   assert sweep.run_sweep(str(exp), workdir) == 0
   assert mtimes == [os.path.getmtime(os.path.join(p.workdir, "metrics.jsonl"))
                     for p in points]
+
+
+@pytest.mark.parametrize("path", sorted(
+    os.path.relpath(p) for p in __import__("glob").glob(os.path.join(
+        os.path.dirname(__file__), "..", "experiments", "*.py"))))
+def test_every_experiment_builds_and_its_points_are_valid_overrides(path):
+  from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  points = sweep.sweep_points(path, "w")
+  assert len(points) >= 2
+  for p in points:
+    cfg = config_lib.load_config(path, [
+        f"--config.{k}={sweep._format_value(v)}"
+        for k, v in p.overrides.items()])
+    for key, value in p.overrides.items():
+      node = cfg
+      for part in key.split("."):
+        node = node[part]
+      assert node == pytest.approx(value)
