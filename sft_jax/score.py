@@ -30,7 +30,7 @@ class ScoreInputError(ValueError):
 
 
 class _Request(NamedTuple):
-  line: int            # 1-based line number in the input file
+  where: str           # "file:line" of the input record
   prompt_ids: list     # token ids of the prompt (with special tokens)
   completions: list    # one list of token ids per completion / candidate
   is_ranking: bool
@@ -38,46 +38,39 @@ class _Request(NamedTuple):
 
 def read_requests(path: str, tokenizer) -> list:
   """Parses and tokenizes every line of `path`; raises ScoreInputError."""
+  from sft_jax.infer import prompting  # pylint: disable=g-import-not-at-top
+  try:
+    records = prompting.read_jsonl(path)
+  except ValueError as e:
+    raise ScoreInputError(str(e)) from None
   requests = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, raw in enumerate(f, start=1):
-      if not raw.strip():
-        continue
-      where = f"{path}:{line_no}"
-      try:
-        record = json.loads(raw)
-      except json.JSONDecodeError as e:
-        raise ScoreInputError(f"{where}: invalid JSON ({e.msg})") from None
-      if not isinstance(record, dict):
-        raise ScoreInputError(f"{where}: expected a JSON object")
-      prompt = record.get("prompt")
-      if not isinstance(prompt, str):
-        raise ScoreInputError(f"{where}: 'prompt' must be a string")
-      has_completion = "completion" in record
-      has_candidates = "candidates" in record
-      if has_completion == has_candidates:
+  for record, where in records:
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str):
+      raise ScoreInputError(f"{where}: 'prompt' must be a string")
+    has_completion = "completion" in record
+    if has_completion == ("candidates" in record):
+      raise ScoreInputError(
+          f"{where}: expected exactly one of 'completion' or 'candidates'")
+    if has_completion:
+      texts = [record["completion"]]
+      if not isinstance(texts[0], str):
+        raise ScoreInputError(f"{where}: 'completion' must be a string")
+    else:
+      texts = record["candidates"]
+      if (not isinstance(texts, list) or not texts
+          or not all(isinstance(t, str) for t in texts)):
         raise ScoreInputError(
-            f"{where}: expected exactly one of 'completion' or 'candidates'")
-      if has_completion:
-        texts = [record["completion"]]
-        if not isinstance(texts[0], str):
-          raise ScoreInputError(f"{where}: 'completion' must be a string")
-      else:
-        texts = record["candidates"]
-        if (not isinstance(texts, list) or not texts
-            or not all(isinstance(t, str) for t in texts)):
-          raise ScoreInputError(
-              f"{where}: 'candidates' must be a non-empty list of strings")
-      prompt_ids = list(tokenizer(prompt)["input_ids"])
-      if not prompt_ids:
-        raise ScoreInputError(
-            f"{where}: the prompt tokenizes to no tokens, so the first "
-            "completion token has no context to be scored against")
-      completions = [
-          list(tokenizer(t, add_special_tokens=False)["input_ids"])
-          for t in texts]
-      requests.append(_Request(line_no, prompt_ids, completions,
-                               has_candidates))
+            f"{where}: 'candidates' must be a non-empty list of strings")
+    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    if not prompt_ids:
+      raise ScoreInputError(
+          f"{where}: the prompt tokenizes to no tokens, so the first "
+          "completion token has no context to be scored against")
+    completions = [list(tokenizer(t, add_special_tokens=False)["input_ids"])
+                   for t in texts]
+    requests.append(_Request(where, prompt_ids, completions,
+                             not has_completion))
   return requests
 
 

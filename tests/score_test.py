@@ -86,7 +86,7 @@ def test_bfloat16_is_close_to_float32(tmp_path, model_dir):
 
 
 @pytest.mark.parametrize("bad_line, message", [
-    ('{"prompt": "hi", "completion": ', "invalid JSON"),
+    ('{"prompt": "hi", "completion": ', "not valid JSON"),
     ('["not", "an", "object"]', "expected a JSON object"),
     ('{"completion": "x"}', "'prompt' must be a string"),
     ('{"prompt": "hi"}', "expected exactly one of 'completion' or 'candidates'"),

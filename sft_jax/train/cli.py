@@ -57,16 +57,10 @@ def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   # `--config.KEY=VALUE` (or `--config.KEY VALUE`) overrides are passed on to
   # the config loader, which checks the key and the type.
-  overrides, rest, i = [], [], 0
-  while i < len(argv):
-    if argv[i].startswith("--config."):
-      overrides.append(argv[i])
-      if "=" not in argv[i] and i + 1 < len(argv):
-        overrides.append(argv[i + 1])
-        i += 1
-    else:
-      rest.append(argv[i])
-    i += 1
+  # The config module does not import jax, so it may come before
+  # jax.distributed starts.
+  from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  overrides, rest = config_lib.split_argv(argv)
   args = _parser().parse_args(rest)
 
   # jax.distributed must start before any device is touched, so this comes
@@ -75,7 +69,6 @@ def main(argv=None) -> int:
   distributed.initialize(args.coordinator, args.num_processes,
                          args.process_id)
 
-  from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   from sft_jax.train import loop  # pylint: disable=g-import-not-at-top
   try:
     cfg = config_lib.load_config(args.config, overrides)

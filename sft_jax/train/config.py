@@ -223,9 +223,14 @@ def _tuplify(value):
   return value
 
 
+def config_from_dict(d: dict) -> ConfigDict:
+  """A locked config from `config_to_dict`'s output (lists back to tuples)."""
+  cfg = ConfigDict(_tuplify(d))
+  cfg.lock()
+  return cfg
+
+
 def config_from_json(path) -> ConfigDict:
   """Reads a config saved by `save_config` back, locked (lists as tuples)."""
   with open(path) as f:
-    cfg = ConfigDict(_tuplify(json.load(f)))
-  cfg.lock()
-  return cfg
+    return config_from_dict(json.load(f))

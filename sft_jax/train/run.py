@@ -21,6 +21,7 @@ from ml_collections import config_dict
 
 from sft_jax import data
 from sft_jax.train import checkpoint as checkpoint_lib
+from sft_jax.train import config as config_lib
 from sft_jax.train import partition
 from sft_jax.train import sharding
 from sft_jax.train import step as step_lib
@@ -49,15 +50,6 @@ class Run:
   step: int
   base_model: str | None
   tokenizer_files: dict[str, bytes] = dataclasses.field(default_factory=dict)
-
-
-def _tuplify(value):
-  # JSON has no tuples; the config declares sequences as tuples.
-  if isinstance(value, dict):
-    return {k: _tuplify(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_tuplify(v) for v in value)
-  return value
 
 
 def checkpoint_steps(run_dir: str) -> list[int]:
@@ -94,8 +86,7 @@ def load_run(run_dir: str, step: int | None = None, *,
                      f"{steps}")
   ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
   try:
-    cfg = config_dict.ConfigDict(_tuplify(ckpt.restore_config(step)))
-    cfg.lock()
+    cfg = config_lib.config_from_dict(ckpt.restore_config(step))
     tokenizer_files = ckpt.restore_tokenizer_files(step)
     with tempfile.TemporaryDirectory() as tmp:
       for name, content in tokenizer_files.items():
