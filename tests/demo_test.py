@@ -48,6 +48,18 @@ def test_task_score():
   assert task.score('{"name": "Mei', ref)["json_valid"] == 0.0
 
 
+def test_task_field_accuracy_counts_fields_exactly_right():
+  ref = task.answer({"name": "Mei Lin", "item": "lamp", "quantity": 2,
+                     "city": "Oslo", "day": "Monday"})
+  assert task.field_accuracy(ref, ref) == 1.0
+  assert task.field_accuracy(json.dumps(json.loads(ref)), ref) == 1.0
+  wrong = ref.replace("Oslo", "Lima").replace('"quantity":2', '"quantity":3')
+  assert task.field_accuracy(wrong, ref) == pytest.approx(3 / 5)
+  assert task.field_accuracy(ref.replace("2", '"2"'), ref) == 0.8
+  assert task.field_accuracy('{"name":"Mei Lin"', ref) == 0.0
+  assert task.field_accuracy('["Mei"]', ref) == 0.0
+
+
 def test_corpus_chunks_fit_and_splits_use_disjoint_conversations():
   train, held_out = corpus.make_splits(30, 5, max_chars=200, seed=1)
   assert len(train) >= 30 and len(held_out) >= 5
@@ -90,7 +102,8 @@ def test_tiny_demo_runs_end_to_end_and_reruns_as_a_no_op(tmp_path, capsys,
   vocab = json.load(open(os.path.join(root, "base", "config.json")))[
       "vocab_size"]
   for row in [before] + after:
-    for name in ("exact_match", "json_valid", "domain_accuracy"):
+    for name in ("exact_match", "field_accuracy", "json_valid",
+                 "domain_accuracy"):
       assert 0.0 <= row[name] <= 1.0
     for name in ("domain_loss", "general_loss"):
       # Trained a little: finite and below a uniform guess over the vocab.
@@ -111,6 +124,11 @@ def test_tiny_demo_runs_end_to_end_and_reruns_as_a_no_op(tmp_path, capsys,
     last.update(json.loads(line))
   assert before["general_loss"] == last["eval/general/loss"]
   assert before["exact_match"] == last["eval/gen/exact_match"]
+  samples = json.load(open(os.path.join(
+      root, "cpt", "eval", f"gen_step_{size.cpt_steps}.json")))["samples"]
+  assert before["field_accuracy"] == pytest.approx(sum(
+      task.field_accuracy(s["prediction"], s["reference"])
+      for s in samples) / len(samples))
 
   with open(os.path.join(root, "demo.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -6,6 +6,8 @@ point. Both evaluate the same held-out sets:
 
   eval/gen/exact_match   greedy answer == reference JSON string (domain task)
   eval/gen/json_valid    greedy answer parses as JSON
+  field_accuracy         fraction of the JSON fields the greedy answer gets
+                         right (from the saved samples, eval/gen_step_N.json)
   eval/domain/accuracy   next-token accuracy on the reference answers
   eval/domain/loss       nats/token on the reference answers
   eval/general/loss      nats/token on held-out human chat (forgetting)
@@ -15,6 +17,7 @@ import json
 import os
 
 from sft_jax import sweep
+from sft_jax.demo import task
 
 SHARE_KEY = "data.sources.general.weight"
 # name in the report -> metrics.jsonl key
@@ -26,8 +29,12 @@ METRICS = {
     "general_loss": "eval/general/loss",
 }
 SWEEP_METRICS = tuple(METRICS.values()) + ("train/loss",)
+# The report's columns: METRICS plus field_accuracy, computed from samples.
+COLUMNS = ("exact_match", "field_accuracy", "json_valid", "domain_accuracy",
+           "domain_loss", "general_loss")
 _LABELS = {
     "exact_match": "exact match (held-out task)",
+    "field_accuracy": "fields right (held-out task)",
     "json_valid": "valid JSON (held-out task)",
     "domain_accuracy": "answer token accuracy (held-out task)",
     "domain_loss": "task answer loss (nats/token)",
@@ -46,7 +53,20 @@ def _final(run_dir: str) -> dict:
                        "final evaluation run?")
     out[name] = stats[key].final
   out["step"] = stats[METRICS["general_loss"]].final_step
+  out["field_accuracy"] = _field_accuracy(
+      run_dir, stats[METRICS["exact_match"]].final_step)
   return out
+
+
+def _field_accuracy(run_dir: str, step: int) -> float:
+  """Mean task.field_accuracy over the greedy samples saved at `step`."""
+  path = os.path.join(run_dir, "eval", f"gen_step_{step}.json")
+  with open(path, encoding="utf-8") as f:
+    samples = json.load(f)["samples"]
+  if not samples:
+    raise ValueError(f"{path}: no samples")
+  return sum(task.field_accuracy(s["prediction"], s["reference"])
+             for s in samples) / len(samples)
 
 
 def _curve(run_dir: str, key: str) -> list[tuple[int, float]]:
@@ -78,7 +98,7 @@ def evaluate(root: str, sft_spec: str, size) -> dict:
 
 def markdown(results: dict) -> str:
   """The before/after table."""
-  names = list(METRICS)
+  names = list(COLUMNS)
   lines = ["| model | general share | " + " | ".join(names) + " |",
            "|---|---|" + "---|" * len(names)]
 
@@ -103,7 +123,9 @@ def plot(results: dict, path: str) -> str:
   fig, axes = plt.subplots(1, 3, figsize=(14, 4))
 
   ax = axes[0]
-  for name, color in (("exact_match", "tab:blue"), ("json_valid", "tab:green"),
+  for name, color in (("exact_match", "tab:blue"),
+                      ("field_accuracy", "tab:cyan"),
+                      ("json_valid", "tab:green"),
                       ("domain_accuracy", "tab:orange")):
     ax.plot(shares, [r[name] for r in after], "o-", color=color,
             label=f"after SFT: {_LABELS[name]}")
@@ -149,7 +171,7 @@ def write_tensorboard(results: dict, logdir: str) -> str:
   writer = Writer(logdir)
   for r in results["after"]:
     step = int(round(100 * r["share"]))
-    for name in METRICS:
+    for name in COLUMNS:
       writer.add_scalar(f"demo/after_sft/{name}", r[name], step=step)
       writer.add_scalar(f"demo/before_sft/{name}", results["before"][name],
                         step=step)
@@ -176,9 +198,9 @@ def write(root: str, results: dict) -> dict[str, str]:
 def how_to_read(root: str, files: dict[str, str]) -> str:
   return f"""\
 Plot: {files['png']}
-  left    held-out task: exact match and JSON validity of greedy answers,
-          and next-token accuracy on the reference answers, against the
-          share of general chat mixed into SFT; dashed = before SFT.
+  left    held-out task: exact match, fields right and JSON validity of
+          greedy answers, and next-token accuracy on the reference answers,
+          against the share of general chat mixed into SFT; dashed = before SFT.
   middle  held-out losses: task answers (purple) and general chat (red,
           forgetting); dashed = before SFT.
   right   general chat loss over training: it falls during continued

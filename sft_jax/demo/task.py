@@ -106,3 +106,21 @@ def score(prediction: str, reference: str) -> dict[str, float]:
   return {"exact_match": float(prediction.strip() == reference.strip()),
           "json_valid": float(valid),
           "fields_correct": float(valid and parsed == json.loads(reference))}
+
+
+def field_accuracy(prediction: str, reference: str) -> float:
+  """Fraction of the reference's fields the prediction gets exactly right.
+
+  A finer signal than exact match: 0.6 means three of the five fields were
+  copied right. An answer that is not a JSON object scores 0.
+  """
+  ref = json.loads(reference)
+  try:
+    parsed = json.loads(prediction.strip())
+  except ValueError:
+    return 0.0
+  if not isinstance(parsed, dict):
+    return 0.0
+  # The type check keeps `true` from matching a quantity of 1.
+  return sum(k in parsed and type(parsed[k]) is type(v) and parsed[k] == v
+             for k, v in ref.items()) / len(ref)
