@@ -17,6 +17,7 @@ import textwrap
 import pytest
 
 from sft_jax import sweep
+from sft_jax import sweep_summary
 
 # Writes one metrics line per step to WORKDIR/metrics.jsonl, continuing after
 # the last step already there (as train resumes from its checkpoint). The loss
@@ -213,7 +214,7 @@ def test_summary_reads_final_and_best_from_known_metrics(tmp_path):
   with open(os.path.join(points[1].workdir, "metrics.jsonl"), "w") as f:
     f.write(json.dumps({"step": 1, "loss": 4.0}) + "\n")
     f.write('{"step": 2, "lo')  # killed mid-write
-  summary = sweep.summarize(points)
+  summary = sweep_summary.summarize(points)
   assert summary.metrics == ["loss", "eval/acc"]
   assert summary.status == ["done", "unfinished", "not started"]
   assert summary.steps == [3, 1, None]
@@ -232,7 +233,7 @@ def test_summary_reads_final_and_best_from_known_metrics(tmp_path):
   assert md[0] == ("| run | w | status | step | loss final | loss best | "
                    "eval/acc final | eval/acc best |")
   assert md[2] == "| w=0 | 0 | done | 3 | 2.5 | 2 | 0.25 | 0.5 |"
-  paths = sweep.write_summary(summary, str(tmp_path))
+  paths = sweep_summary.write_summary(summary, str(tmp_path))
   with open(paths["png"], "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -263,7 +264,7 @@ def test_bad_input_gives_clear_errors(fake, tmp_path):
   bad = tmp_path / "m.jsonl"
   bad.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
   with pytest.raises(sweep.SweepError, match=r"m.jsonl:2: malformed"):
-    sweep.read_metrics(str(bad))
+    sweep_summary.read_metrics(str(bad))
   with pytest.raises(sweep.SweepError, match="needs a get_sweep"):
     (tmp_path / "e.py").write_text("def get_config(arg=None):\n  return 1\n")
     sweep.load_experiment(str(tmp_path / "e.py"))
@@ -314,7 +315,7 @@ def test_real_tiny_training_sweep(tmp_path):
     assert point.done and row["status"] == "done" and row["step"] == "3"
     resolved = json.load(open(os.path.join(point.workdir, "config.json")))
     assert resolved["optim"]["lr"] == point.overrides["optim.lr"]
-    losses = [r["train/loss"] for r in sweep.read_metrics(
+    losses = [r["train/loss"] for r in sweep_summary.read_metrics(
         os.path.join(point.workdir, "metrics.jsonl")) if "train/loss" in r]
     assert len(losses) == 3
     assert float(row["train/loss final"]) == pytest.approx(losses[-1])

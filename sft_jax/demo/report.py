@@ -17,6 +17,7 @@ import json
 import os
 
 from sft_jax import sweep
+from sft_jax import sweep_summary
 from sft_jax.demo import task
 
 SHARE_KEY = "data.sources.general.weight"
@@ -44,8 +45,8 @@ _LABELS = {
 
 def _final(run_dir: str) -> dict:
   """The last logged value of each report metric, and its step."""
-  stats = sweep.metric_stats(
-      sweep.read_metrics(os.path.join(run_dir, sweep.METRICS_NAME)))
+  stats = sweep_summary.metric_stats(
+      sweep_summary.read_metrics(os.path.join(run_dir, sweep_summary.METRICS_NAME)))
   out = {}
   for name, key in METRICS.items():
     if key not in stats:
@@ -70,7 +71,7 @@ def _field_accuracy(run_dir: str, step: int) -> float:
 
 
 def _curve(run_dir: str, key: str) -> list[tuple[int, float]]:
-  records = sweep.read_metrics(os.path.join(run_dir, sweep.METRICS_NAME))
+  records = sweep_summary.read_metrics(os.path.join(run_dir, sweep_summary.METRICS_NAME))
   return [(r["step"], r[key]) for r in records
           if isinstance(r.get(key), (int, float))]
 
