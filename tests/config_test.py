@@ -9,7 +9,7 @@ import pytest
 from sft_jax import models
 from sft_jax.train import config as config_lib
 from sft_jax.train import flops
-from sft_jax.train import step as step_lib
+from sft_jax.train import model_setup
 
 _CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -107,7 +107,7 @@ def test_every_config_file_builds(path, method):
   if path.name == "base.py":
     return
   hf = json.loads(cfg.model.hf_config)
-  model_cfg = step_lib.model_config(
+  model_cfg = model_setup.model_config(
       config_lib.load_config(spec, ["--config.model.path="]))
   assert model_cfg.dtype == cfg.model.dtype
   assert (model_cfg.lora is not None) == (method == "lora")
@@ -133,7 +133,7 @@ def test_every_config_file_builds(path, method):
 def test_llama_1b_flops_per_token_matches_hand_count():
   cfg = config_lib.load_config("configs/presets/llama3_1b.py",
                                ["--config.model.path="])
-  model_cfg = step_lib.model_config(cfg)
+  model_cfg = model_setup.model_config(cfg)
   # 16 layers x (q,o: 2048*2048*2 + k,v: 2048*512*2 + mlp: 3*2048*8192)
   # + unembedding 2048*128256 = 1,235,746,816 matmul weights (tied; the
   # 67,584 norm weights are not matmuls).
@@ -142,7 +142,7 @@ def test_llama_1b_flops_per_token_matches_hand_count():
   attention = 6 * 16 * 4096 * 32 * 64
   assert flops.flops_per_token(model_cfg, 4096) == 6 * n + attention
   assert 6 * n + attention == pytest.approx(8.22e9, rel=1e-3)  # the anchor
-  lora_cfg = step_lib.model_config(config_lib.load_config(
+  lora_cfg = model_setup.model_config(config_lib.load_config(
       "configs/presets/llama3_1b.py:method=lora", ["--config.model.path="]))
   lora_n = 16 * 16 * ((2048 + 2048) * 2 + (2048 + 512) * 2 +
                       (2048 + 8192) * 3)

@@ -14,6 +14,7 @@ from sft_jax.train import bench
 from sft_jax.train import config as config_lib
 from sft_jax.train import partition
 from sft_jax.train import sharding
+from sft_jax.train import model_setup
 from sft_jax.train import step as step_lib
 
 _FAST = {"xla_backend_optimization_level": 0}
@@ -71,7 +72,7 @@ def test_random_init_lands_in_shards_with_optimizer_state_alike():
   cfg = config_lib.load_config("configs/tiny.py", [
       "--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.tensor=2"])
   mesh = sharding.make_mesh(cfg.mesh)
-  model_cfg, variables = step_lib.load_or_init_model(cfg, mesh)
+  model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
   axes = partition.flat(models.logical_axes(model_cfg))
   for path, x in partition.flat(variables).items():
     assert x.sharding.spec == _expected_spec(mesh, axes[path], x.shape), path
@@ -97,7 +98,7 @@ def test_pretrained_loads_into_shards_and_lora_starts_at_zero(tmp_path):
   cfg = config_lib.load_config(f"configs/tiny.py:model={path},method=lora", [
       "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"])
   mesh = sharding.make_mesh(cfg.mesh)
-  model_cfg, variables = step_lib.load_or_init_model(cfg, mesh)
+  model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
   assert model_cfg.vocab_size == 97 and model_cfg.lora.rank == 4
   _, reference = models.load_hf(path, dtype="float32")
   axes = partition.flat(models.logical_axes(model_cfg))
@@ -115,7 +116,7 @@ def test_pretrained_loads_into_shards_and_lora_starts_at_zero(tmp_path):
 
 def _one_step(cfg, devices):
   mesh = sharding.make_mesh(cfg.mesh, devices)
-  model_cfg, variables = step_lib.load_or_init_model(cfg, mesh)
+  model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
   state, shardings = step_lib.init_train_state(cfg, model_cfg, variables,
                                                mesh)
   batch = sharding.global_batch(bench.synthetic_batch(

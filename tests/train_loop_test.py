@@ -345,11 +345,12 @@ def test_load_run_puts_saved_lora_over_the_recreated_base(tmp_path):
   from sft_jax.train import loop  # pylint: disable=g-import-not-at-top
   from sft_jax.train import run as run_lib  # pylint: disable=g-import-not-at-top
   from sft_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import model_setup
   from sft_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   tiny_tok.make_tokenizer(tmp_path / "tok")
   cfg = config_lib.load_config("configs/tiny.py:method=lora")
   mesh = sharding.make_mesh(cfg.mesh)
-  model_cfg, variables = step_lib.load_or_init_model(cfg, mesh)
+  model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
   state, _ = step_lib.init_train_state(cfg, model_cfg, variables, mesh)
   # As if training had moved the adapters (B starts at zero).
   state = state.replace(step=state.step + 7, trainable=jax.tree.map(
@@ -380,6 +381,7 @@ def test_load_run_puts_saved_lora_over_the_recreated_base(tmp_path):
 def test_generation_eval_hook_scores_generated_answers(tmp_path):
   from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   from sft_jax.train import evaluate  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import model_setup  # pylint: disable=g-import-not-at-top
   from sft_jax.train import sharding  # pylint: disable=g-import-not-at-top
   from sft_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   tok = tiny_tok.make_tokenizer(tmp_path / "tok")
@@ -391,7 +393,7 @@ def test_generation_eval_hook_scores_generated_answers(tmp_path):
       "--config.eval.generate_max_new_tokens=3",
       "--config.eval.generate_metrics=exact_match,rouge_l"])
   mesh = sharding.make_mesh(cfg.mesh)
-  model_cfg, variables = step_lib.load_or_init_model(cfg, mesh)
+  model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
   state, _ = step_lib.init_train_state(cfg, model_cfg, variables, mesh)
   metrics = evaluate.generation_eval(cfg, model_cfg, state, tok,
                                      out_dir=str(tmp_path / "eval"), step=7)

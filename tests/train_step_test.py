@@ -22,6 +22,7 @@ from sft_jax.train import loss as loss_lib
 from sft_jax.train import optim
 from sft_jax.train import partition
 from sft_jax.train import sharding
+from sft_jax.train import model_setup
 from sft_jax.train import step as step_lib
 
 # XLA's CPU backend at -O0 compiles these steps about twice as fast; the
@@ -50,7 +51,7 @@ def _cfg(*overrides, arg="", sources=1):
 
 def _setup(cfg):
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-  model_cfg, variables = step_lib.load_or_init_model(cfg, mesh)
+  model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
   state, shardings = step_lib.init_train_state(cfg, model_cfg, variables,
                                                mesh)
   return mesh, model_cfg, state, shardings
@@ -446,7 +447,7 @@ def test_lora_starts_from_a_peft_adapter(tmp_path):
   from sft_jax.infer import export  # pylint: disable=g-import-not-at-top
   cfg = config_lib.load_config("configs/tiny.py:method=lora")
   mesh = sharding.make_mesh(cfg.mesh)
-  model_cfg, variables = step_lib.load_or_init_model(cfg, mesh)
+  model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
   # Non-zero B, so the adapter is not the identity and order matters.
   leaves, treedef = jax.tree.flatten(variables["lora"])
   keys = jax.random.split(jax.random.key(3), len(leaves))
@@ -457,7 +458,7 @@ def test_lora_starts_from_a_peft_adapter(tmp_path):
                         base_model="tiny-base")
   cfg2 = config_lib.load_config("configs/tiny.py:method=lora", [
       f"--config.method.lora.init_adapter={tmp_path / 'adapter'}"])
-  _, variables2 = step_lib.load_or_init_model(cfg2, mesh)
+  _, variables2 = model_setup.load_or_init_model(cfg2, mesh)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
       np.asarray(b), a, rtol=1e-6, atol=1e-7), lora, variables2["lora"])
   # The base weights are untouched by the adapter.

@@ -81,13 +81,14 @@ def run(cfg, steps: int = 5, warmup: int = 2) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from sft_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from sft_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import model_setup
   from sft_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
 
   cfg.model.init = "random"
   if cfg.model.hf_config:
     cfg.model.path = ""
   mesh = sharding.make_mesh(cfg.mesh)
-  model_cfg, variables = step_lib.load_or_init_model(cfg, mesh)
+  model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
   state, state_shardings = step_lib.init_train_state(cfg, model_cfg,
                                                      variables, mesh)
   del variables

@@ -35,6 +35,7 @@ from sft_jax.train import evaluate
 from sft_jax.train import flops
 from sft_jax.train import metrics_writer
 from sft_jax.train import sharding
+from sft_jax.train import model_setup
 from sft_jax.train import step as step_lib
 
 EXIT_OK, EXIT_NONFINITE = 0, 3
@@ -261,7 +262,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
   tokenizer_files = checkpoint_lib.read_files(tok_dir) if is_main else {}
 
   mesh = sharding.make_mesh(cfg.mesh)
-  model_cfg, variables = step_lib.load_or_init_model(cfg, mesh)
+  model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
   state, state_shardings = step_lib.init_train_state(cfg, model_cfg, variables,
                                                      mesh)
   del variables

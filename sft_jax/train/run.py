@@ -24,6 +24,7 @@ from sft_jax.train import checkpoint as checkpoint_lib
 from sft_jax.train import config as config_lib
 from sft_jax.train import partition
 from sft_jax.train import sharding
+from sft_jax.train import model_setup
 from sft_jax.train import step as step_lib
 
 
@@ -97,8 +98,8 @@ def load_run(run_dir: str, step: int | None = None, *,
     if mesh is None:
       mesh = sharding.make_mesh(config_dict.ConfigDict(
           dict(data=1, fsdp=-1, tensor=1)))
-    model_cfg = step_lib.model_config(cfg)
-    shapes, shardings = step_lib.variable_shardings(cfg, model_cfg, mesh)
+    model_cfg = model_setup.model_config(cfg)
+    shapes, shardings = model_setup.variable_shardings(cfg, model_cfg, mesh)
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         shapes, shardings)
@@ -113,7 +114,7 @@ def load_run(run_dir: str, step: int | None = None, *,
 
   frozen = {}
   if jax.tree.leaves(frozen_abstract):
-    _, variables = step_lib.load_or_init_model(cfg, mesh)
+    _, variables = model_setup.load_or_init_model(cfg, mesh)
     _, frozen = step_lib.split_trainable(cfg, variables)
     del variables
   variables = partition.merge(restored["trainable"], frozen)

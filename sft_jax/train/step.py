@@ -1,7 +1,7 @@
-"""The model, the train state and the pure train / eval steps.
+"""The train state and the pure train / eval steps.
 
   mesh = sharding.make_mesh(cfg.mesh)
-  model_cfg, variables = load_or_init_model(cfg, mesh)
+  model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
   state, state_shardings = init_train_state(cfg, model_cfg, variables, mesh)
   train_step = jit_train_step(cfg, model_cfg, mesh, state_shardings)
   state, metrics = train_step(state, batch)      # batch: dict of [B, T]
@@ -15,11 +15,6 @@ by the number of supervised tokens in the whole global batch, so gradient
 accumulation and the mesh shape change nothing but rounding.
 """
 
-import dataclasses
-import functools
-import json
-import os
-import re
 from typing import Any, Callable
 
 import flax
@@ -32,12 +27,12 @@ from ml_collections import config_dict
 
 from sft_jax import models
 from sft_jax.train import loss as loss_lib
+from sft_jax.train import model_setup
 from sft_jax.train import optim
 from sft_jax.train import partition
 from sft_jax.train import sharding
 
 Batch = dict[str, jax.Array]
-METHODS = ("full", "freeze", "lora")
 
 
 @flax.struct.dataclass
@@ -58,117 +53,6 @@ class TrainState:
 def variables_of(state: TrainState) -> dict:
   """The model variables {"params": ..., ["lora": ...]} of a state."""
   return partition.merge(state.trainable, state.frozen)
-
-
-# --- model -----------------------------------------------------------------
-
-def _read_hf_config(path: str) -> dict:
-  if os.path.isdir(path):
-    with open(os.path.join(path, "config.json")) as f:
-      return json.load(f)
-  import huggingface_hub  # pylint: disable=g-import-not-at-top
-  with open(huggingface_hub.hf_hub_download(path, "config.json")) as f:
-    return json.load(f)
-
-
-def model_config(cfg: config_dict.ConfigDict) -> "models.ModelConfig":
-  """The ModelConfig of `cfg.model` with its runtime options and LoRA."""
-  if cfg.model.path:
-    hf = _read_hf_config(cfg.model.path)
-  elif cfg.model.hf_config:
-    hf = json.loads(cfg.model.hf_config)
-  else:
-    raise ValueError("config: set model.path (HF dir or hub id) or "
-                     "model.hf_config (JSON of HF config fields)")
-  if cfg.method.name not in METHODS:
-    raise ValueError(f"config method.name: unknown {cfg.method.name!r} "
-                     f"({' | '.join(METHODS)})")
-  lora = None
-  if cfg.method.name == "lora":
-    lora = models.LoraConfig(rank=cfg.method.lora.rank,
-                             alpha=cfg.method.lora.alpha,
-                             rslora=cfg.method.lora.rslora,
-                             targets=cfg.method.lora.targets)
-  return dataclasses.replace(
-      models.ModelConfig.from_hf_config(hf), dtype=cfg.model.dtype,
-      param_dtype=cfg.model.param_dtype, scan_layers=cfg.model.scan_layers,
-      remat=cfg.model.remat, attention_impl=cfg.model.attention,
-      lora=lora)
-
-
-def variable_shardings(cfg: config_dict.ConfigDict,
-                       model_cfg: "models.ModelConfig",
-                       mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
-  """(shapes, shardings) of the model variables, without allocating them."""
-  rules = sharding.rules_from_config(cfg.sharding.rules)
-  return _shapes_and_shardings(model_cfg, mesh, tuple(rules.items()))
-
-
-@functools.lru_cache(maxsize=16)
-def _shapes_and_shardings(model_cfg, mesh, rules: tuple):
-  shapes = jax.eval_shape(functools.partial(models.init, model_cfg),
-                          jax.random.key(0))
-  axes = models.logical_axes(model_cfg)
-  return shapes, sharding.tree_shardings(axes, shapes, mesh, dict(rules))
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted_init(model_cfg, mesh, rules: tuple, collection: str | None):
-  """A jitted `models.init` straight into shards, cached per model and mesh.
-
-  With `collection`, only that part is returned, so XLA drops the rest of
-  the initialisation (e.g. "lora" alone next to loaded base weights).
-  """
-  _, shardings = _shapes_and_shardings(model_cfg, mesh, rules)
-  if collection is None:
-    return jax.jit(functools.partial(models.init, model_cfg),
-                   out_shardings=shardings)
-  return jax.jit(lambda rng: models.init(model_cfg, rng)[collection],
-                 out_shardings=shardings[collection])
-
-
-def load_or_init_model(cfg: config_dict.ConfigDict, mesh: jax.sharding.Mesh
-                       ) -> tuple["models.ModelConfig", dict]:
-  """(model_cfg, variables) with every array created directly in its shards.
-
-  `model.init == "pretrained"` loads `model.path` (safetensors) straight into
-  the shardings; "random" (or no path) initialises from `cfg.seed` under jit
-  with `out_shardings`. LoRA adapters are initialised the same way (B = 0, so
-  the model starts equal to the base).
-  """
-  if cfg.model.init not in ("pretrained", "random"):
-    raise ValueError(f"config model.init: unknown {cfg.model.init!r} "
-                     "(pretrained | random)")
-  model_cfg = model_config(cfg)
-  rules = tuple(sharding.rules_from_config(cfg.sharding.rules).items())
-  _, shardings = _shapes_and_shardings(model_cfg, mesh, rules)
-  rng = jax.random.key(cfg.seed)
-  if cfg.model.init == "random" or not cfg.model.path:
-    variables = _jitted_init(model_cfg, mesh, rules, None)(rng)
-    if "lora" in variables and cfg.method.lora.init_adapter:
-      variables["lora"] = _init_lora(cfg, model_cfg, mesh, rules, rng,
-                                     shardings["lora"])
-    return model_cfg, variables
-  _, params = models.load_hf(cfg.model.path, dtype=cfg.model.param_dtype,
-                             shardings=shardings["params"])
-  variables = {"params": params}
-  if "lora" in shardings:
-    variables["lora"] = _init_lora(cfg, model_cfg, mesh, rules, rng,
-                                   shardings["lora"])
-  return model_cfg, variables
-
-
-def _init_lora(cfg, model_cfg, mesh, rules, rng, lora_shardings):
-  """Fresh adapters (B = 0), or `method.lora.init_adapter`'s PEFT weights."""
-  if not cfg.method.lora.init_adapter:
-    return _jitted_init(model_cfg, mesh, rules, "lora")(rng)
-  # Imported here: only runs when continuing from an existing adapter.
-  from sft_jax.infer import export  # pylint: disable=g-import-not-at-top
-  lora = export.load_peft_adapter(cfg.method.lora.init_adapter, model_cfg)
-  return jax.tree.map(
-      lambda x, s: jax.make_array_from_callback(
-          x.shape, s, lambda idx, x=x: np.asarray(x)[idx]),
-      lora, lora_shardings)
 
 
 # --- trainable / frozen ----------------------------------------------------
@@ -192,7 +76,7 @@ def split_trainable(cfg: config_dict.ConfigDict, variables: dict
                        f"{sorted(partition.flat(variables['params']))[:3]}")
     return {"params": hit}, {"params": rest}
   raise ValueError(f"config method.name: unknown {name!r} "
-                   f"({' | '.join(METHODS)})")
+                   f"({' | '.join(model_setup.METHODS)})")
 
 
 def layer_masks(cfg: config_dict.ConfigDict, model_cfg: "models.ModelConfig",
