@@ -21,7 +21,6 @@ import safetensors.numpy
 import torch
 
 from sft_jax import models
-from sft_jax.models import attention as attention_lib
 import tiny_hf
 
 FAMILIES = tiny_hf.FAMILIES
@@ -195,34 +194,6 @@ def test_unknown_remat_policy_is_an_error(fams):
   cfg = dataclasses.replace(fams["llama"].cfg, remat="dots")
   with pytest.raises(ValueError, match="unknown remat policy 'dots'"):
     jax.eval_shape(functools.partial(models.init, cfg), jax.random.key(0))
-
-
-def test_chunked_attention_equals_reference(monkeypatch):
-  monkeypatch.setattr(attention_lib, "_CHUNK", 4)
-  rng = np.random.RandomState(0)
-  q = rng.normal(size=(2, 16, 4, 8)).astype(np.float32)
-  k, v = rng.normal(size=(2, 2, 16, 2, 8)).astype(np.float32)
-  pos = np.stack([np.arange(16), np.r_[np.arange(9), np.arange(5), 0, 0]])
-  seg = np.stack([np.ones(16), np.r_[np.ones(9), np.full(5, 2), 0, 0]])
-  pos, seg = pos.astype(np.int32), seg.astype(np.int32)
-
-  def run(impl):
-    def f(q, k, v):
-      out = attention_lib.attention(q, k, v, pos, seg, pos, seg, window=5,
-                                    softcap=3.0, scale=0.5, impl=impl)
-      return jnp.sum(out * jnp.arange(8.0)[None, None, None, :]), out
-    (_, out), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2),
-                                                 has_aux=True))(q, k, v)
-    return out, grads
-
-  ref_out, ref_grads = run("xla")
-  out, grads = run("xla_chunked")
-  np.testing.assert_allclose(out, ref_out, atol=1e-6, rtol=0)
-  jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-5,
-                                 rtol=0), grads, ref_grads)
-  with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
-    attention_lib.attention(q, k, v, pos, seg, pos, seg, scale=1.0,
-                            impl="flash")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -188,6 +188,20 @@ class ModelConfig:
     return np.array([(self.sliding_window or 0) if t == SLIDING else 0
                      for t in self.layer_types], np.int32)
 
+  def attention_windows(self) -> tuple[int, ...]:
+    """The distinct windows of the layers (0 = full): the attention patterns.
+
+    Gemma-2 alternates two, Gemma-3 has two in a period of 6, Qwen with
+    max_window_layers two in blocks; each is one static kernel.
+    """
+    return tuple(sorted({int(w) for w in self.layer_windows()}))
+
+  def layer_patterns(self) -> np.ndarray:
+    """Per layer [L] int32: its index into attention_windows()."""
+    windows = self.attention_windows()
+    return np.array([windows.index(int(w)) for w in self.layer_windows()],
+                    np.int32)
+
   def layer_inv_freq(self) -> np.ndarray:
     """Rotary inverse frequencies per layer [L, K/2] float32."""
     rows = []

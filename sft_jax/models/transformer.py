@@ -15,8 +15,16 @@ Params (a plain nested dict; layers stacked on a leading L axis):
 Kernels are [in, out]. LoRA lives in the "lora" collection at the same
 module paths: a [L, in, R], b [L, R, out].
 
-Per-layer differences (sliding window, rotary frequencies) are scanned
-inputs, so the layer stack stays homogeneous under nn.scan.
+Per-layer differences (rotary frequencies, the attention pattern) are
+scanned inputs, so the layer stack stays homogeneous under nn.scan. Each
+distinct sliding window of the config is a static Python int: a layer picks
+its pattern with lax.switch, so kernels that need a static window (splash
+LocalMask, cuDNN) and block skipping see one, with the same params tree.
+
+Attention runs in train mode (causality by index within segments) without a
+cache and in cache mode (by position) with one. The KV cache is carried
+through the layer scan and each layer writes only its new slots into it, so
+decoding updates it in place rather than copying [L, B, S, N, K] per token.
 """
 
 import functools
@@ -24,9 +32,11 @@ import re
 
 import flax.linen as nn
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from sft_jax.models import attention as attention_lib
+from sft_jax.models import remat as remat_lib
 from sft_jax.models.config import ModelConfig
 
 _KERNEL_INIT = nn.initializers.normal(0.02)
@@ -120,33 +130,49 @@ class _Attention(nn.Module):
     q = _Dense(cfg, h * k, cfg.qkv_bias, name="q_proj")(x_BxTxD)
     kk = _Dense(cfg, n * k, cfg.qkv_bias, name="k_proj")(x_BxTxD)
     v = _Dense(cfg, n * k, cfg.qkv_bias, name="v_proj")(x_BxTxD)
-    q_BxTxHxK = q.reshape(b, t, h, k)
-    k_BxTxNxK = kk.reshape(b, t, n, k)
-    v_BxTxNxK = v.reshape(b, t, n, k)
+    q_BxTxHxK = checkpoint_name(q.reshape(b, t, h, k), "query_proj")
+    k_BxTxNxK = checkpoint_name(kk.reshape(b, t, n, k), "key_proj")
+    v_BxTxNxK = checkpoint_name(v.reshape(b, t, n, k), "value_proj")
     if cfg.qk_norm:
       q_BxTxHxK = _RMSNorm(cfg, name="q_norm")(q_BxTxHxK)
       k_BxTxNxK = _RMSNorm(cfg, name="k_norm")(k_BxTxNxK)
     q_BxTxHxK = _rope(q_BxTxHxK, positions_BxT, layer["inv_freq"])
     k_BxTxNxK = _rope(k_BxTxNxK, positions_BxT, layer["inv_freq"])
     if kv_cache is None:
-      new_cache = None
+      new_cache, mode = None, "train"
       k_all, v_all = k_BxTxNxK, v_BxTxNxK
     else:
+      # Write this layer's new slots into the whole [L, ...] cache (in
+      # place inside the scan), then read the layer back.
       k_cache, v_cache = kv_cache
-      start = (0, cache_index, 0, 0)
-      k_all = jax.lax.dynamic_update_slice(
-          k_cache, k_BxTxNxK.astype(k_cache.dtype), start)
-      v_all = jax.lax.dynamic_update_slice(
-          v_cache, v_BxTxNxK.astype(v_cache.dtype), start)
-      new_cache = (k_all, v_all)
-    out_BxTxHxK = attention_lib.attention(
-        q_BxTxHxK, k_all.astype(q_BxTxHxK.dtype),
-        v_all.astype(q_BxTxHxK.dtype), positions_BxT, segment_ids_BxT,
-        kv_positions_BxS, kv_segment_ids_BxS, window=layer["window"],
-        softcap=cfg.attn_softcap, scale=cfg.scale, impl=cfg.attention_impl)
+      start = (layer["index"], 0, cache_index, 0, 0)
+      k_cache = jax.lax.dynamic_update_slice(
+          k_cache, k_BxTxNxK.astype(k_cache.dtype)[None], start)
+      v_cache = jax.lax.dynamic_update_slice(
+          v_cache, v_BxTxNxK.astype(v_cache.dtype)[None], start)
+      new_cache, mode = (k_cache, v_cache), "cache"
+      k_all = jax.lax.dynamic_index_in_dim(k_cache, layer["index"], 0, False)
+      v_all = jax.lax.dynamic_index_in_dim(v_cache, layer["index"], 0, False)
+    windows = cfg.attention_windows()
+
+    def attend(window, *args):
+      return attention_lib.attention(
+          *args, window=window or None, softcap=cfg.attn_softcap,
+          scale=cfg.scale, impl=cfg.attention_impl, mode=mode)
+
+    args = (q_BxTxHxK, k_all.astype(q_BxTxHxK.dtype),
+            v_all.astype(q_BxTxHxK.dtype), positions_BxT, segment_ids_BxT,
+            kv_positions_BxS, kv_segment_ids_BxS)
+    if len(windows) == 1:
+      out_BxTxHxK = attend(windows[0], *args)
+    else:
+      out_BxTxHxK = jax.lax.switch(
+          layer["pattern"], [functools.partial(attend, w) for w in windows],
+          *args)
+    out_BxTxHxK = checkpoint_name(out_BxTxHxK, "context")
     out = _Dense(cfg, cfg.hidden_size, cfg.o_bias, name="o_proj")(
         out_BxTxHxK.reshape(b, t, h * k))
-    return out, new_cache
+    return checkpoint_name(out, "out_proj"), new_cache
 
 
 class _Mlp(nn.Module):
@@ -156,14 +182,17 @@ class _Mlp(nn.Module):
   def __call__(self, x_BxTxD):
     cfg = self.cfg
     f = cfg.intermediate_size
-    gate = _Dense(cfg, f, cfg.mlp_bias, name="gate_proj")(x_BxTxD)
-    up = _Dense(cfg, f, cfg.mlp_bias, name="up_proj")(x_BxTxD)
+    gate = checkpoint_name(
+        _Dense(cfg, f, cfg.mlp_bias, name="gate_proj")(x_BxTxD), "mlpwi_0")
+    up = checkpoint_name(
+        _Dense(cfg, f, cfg.mlp_bias, name="up_proj")(x_BxTxD), "mlpwi_1")
     if cfg.activation == "silu":
       gate = jax.nn.silu(gate)
     else:
       gate = jax.nn.gelu(gate, approximate=cfg.activation == "gelu_tanh")
-    return _Dense(cfg, cfg.hidden_size, cfg.mlp_bias, name="down_proj")(
-        gate * up)
+    return checkpoint_name(
+        _Dense(cfg, cfg.hidden_size, cfg.mlp_bias, name="down_proj")(
+            gate * up), "mlpwo")
 
 
 class _Block(nn.Module):
@@ -171,9 +200,11 @@ class _Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, layer, positions_BxT, segment_ids_BxT,
-               kv_positions_BxS, kv_segment_ids_BxS, cache_index, kv_cache):
+  def __call__(self, carry, layer, positions_BxT, segment_ids_BxT,
+               kv_positions_BxS, kv_segment_ids_BxS, cache_index):
     cfg = self.cfg
+    x_BxTxD, kv_cache = carry
+    x_BxTxD = checkpoint_name(x_BxTxD, remat_lib.LAYER_INPUT)
     h = _RMSNorm(cfg, name="input_norm")(x_BxTxD)
     h, new_cache = _Attention(cfg, name="attn")(
         h, layer, positions_BxT, segment_ids_BxT, kv_positions_BxS,
@@ -185,7 +216,7 @@ class _Block(nn.Module):
     h = _Mlp(cfg, name="mlp")(h)
     if cfg.post_norms:
       h = _RMSNorm(cfg, name="post_mlp_norm")(h)
-    return x_BxTxD + h, new_cache
+    return (x_BxTxD + h, new_cache), None
 
 
 class _Embed(nn.Module):
@@ -219,17 +250,7 @@ class _LmHead(nn.Module):
     return self.kernel
 
 
-REMAT_POLICIES = ("none", "full", "dots_saveable",
-                  "dots_with_no_batch_dims_saveable", "nothing_saveable",
-                  "everything_saveable")
-
-
-def _remat_policy(name: str):
-  """None (save nothing: recompute the layer) or a jax.checkpoint policy."""
-  if name not in REMAT_POLICIES:
-    raise ValueError(f"unknown remat policy {name!r}; use one of "
-                     f"{', '.join(REMAT_POLICIES)}")
-  return None if name == "full" else getattr(jax.checkpoint_policies, name)
+REMAT_POLICIES = remat_lib.POLICIES
 
 
 def logits_from_hidden(hidden_BxTxD, w_DxV, cfg: ModelConfig):
@@ -297,22 +318,25 @@ class Transformer(nn.Module):
 
     embedder = _Embed(cfg, name="embedder")
     x_BxTxD = embedder(tokens_BxT)
-    layer_inputs = {"window": jnp.asarray(cfg.layer_windows()),
+    layer_inputs = {"pattern": jnp.asarray(cfg.layer_patterns()),
+                    "index": jnp.arange(cfg.num_layers, dtype=jnp.int32),
                     "inv_freq": jnp.asarray(cfg.layer_inv_freq())}
     block = _Block
+    if cfg.remat not in remat_lib.POLICIES:
+      remat_lib.policy(cfg.remat)  # raises the unknown-policy error
     if cfg.remat != "none":
       block = nn.remat(block, prevent_cse=False,
-                       policy=_remat_policy(cfg.remat))
+                       policy=remat_lib.policy(cfg.remat))
     stack = nn.scan(
         block, variable_axes={"params": 0, "lora": 0},
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
-                 nn.broadcast, 0),
+                 nn.broadcast),
         length=cfg.num_layers,
         unroll=1 if cfg.scan_layers else cfg.num_layers)
-    x_BxTxD, new_kv = stack(cfg, name="layers")(
-        x_BxTxD, layer_inputs, positions_BxT, segment_ids_BxT,
-        kv_positions_BxS, kv_segment_ids_BxS, cache_index, kv_cache)
+    (x_BxTxD, new_kv), _ = stack(cfg, name="layers")(
+        (x_BxTxD, kv_cache), layer_inputs, positions_BxT, segment_ids_BxT,
+        kv_positions_BxS, kv_segment_ids_BxS, cache_index)
     hidden_BxTxD = _RMSNorm(cfg, name="final_norm")(x_BxTxD)
     if return_hidden:
       out = hidden_BxTxD
