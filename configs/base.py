@@ -22,8 +22,8 @@ def get_config(arg=None):
   c.model.dtype = "bfloat16"  # Compute dtype of activations and matmuls.
   c.model.param_dtype = "float32"  # Storage dtype of weights and their gradients.
   c.model.scan_layers = True  # lax.scan over layers (False = unrolled; same params).
-  c.model.remat = "none"  # Layer remat: "none" | "full" | a jax.checkpoint_policies name.
-  c.model.attention = "xla"  # Attention implementation (models.attention impl).
+  c.model.remat = "none"  # Layer remat: "none" | "full" | a named policy (models/remat.py).
+  c.model.attention = "auto"  # "auto" | "xla" | "xla_chunked" | "splash" | "tokamax" | "cudnn".
 
   c.method = config_dict.ConfigDict()
   c.method.name = "full"  # "full" | "freeze" (train matches only) | "lora".

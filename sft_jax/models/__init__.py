@@ -49,6 +49,7 @@ from sft_jax.models.transformer import init
 from sft_jax.models.transformer import init_cache
 from sft_jax.models.transformer import init_lora
 from sft_jax.models.transformer import REMAT_POLICIES
+from sft_jax.models.transformer import attention_summary
 from sft_jax.models.transformer import logits_from_hidden
 from sft_jax.models.transformer import Transformer
 from sft_jax.models.transformer import unembedding

@@ -133,6 +133,19 @@ def resolve(impl: str, *, mode: str = "train", window=None, softcap=None,
   return "xla_chunked"
 
 
+def summary(impl: str, windows, softcap=None, remat: str = "none",
+            platform: str | None = None) -> str:
+  """One line naming the backend each attention pattern trains with."""
+  parts = []
+  for w in windows:
+    kind = f"window {w}" if w else "full"
+    chosen = resolve(impl, window=w or None, softcap=softcap,
+                     platform=platform)
+    parts.append(f"{kind}: {chosen}")
+  return (f"attention {impl} on {platform or jax.default_backend()} -> "
+          f"{', '.join(parts)}; remat {remat}")
+
+
 def attention(q_BxTxHxK, k_BxSxNxK, v_BxSxNxK, q_pos_BxT, q_seg_BxT,
               kv_pos_BxS, kv_seg_BxS, *, window=None, softcap=None,
               scale: float, impl: str = "xla", mode: str = "cache"):

@@ -175,8 +175,8 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   scan_layers: bool = True  # lax.scan over layers (else fully unrolled)
-  remat: str = "none"  # "none", "full" or a jax.checkpoint_policies name
-  attention_impl: str = "xla"
+  remat: str = "none"  # a policy of remat.py ("none", "full", ...)
+  attention_impl: str = "auto"  # see attention.py
   lora: LoraConfig | None = None
 
   @property

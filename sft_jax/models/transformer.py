@@ -352,6 +352,12 @@ class Transformer(nn.Module):
     return out, new_cache
 
 
+def attention_summary(cfg: ModelConfig) -> str:
+  """The attention backend per pattern and the remat policy, for logs."""
+  return attention_lib.summary(cfg.attention_impl, cfg.attention_windows(),
+                               cfg.attn_softcap, cfg.remat)
+
+
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None):
   """An empty KV cache of `max_len` slots.
 

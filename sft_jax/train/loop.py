@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_dict
 
 from sft_jax import data
+from sft_jax import models
 from sft_jax.train import checkpoint as checkpoint_lib
 from sft_jax.train import config as config_lib
 from sft_jax.train import evaluate
@@ -269,6 +270,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
   report = step_lib.param_report(cfg, model_cfg, state)
   bar.write("params: {trainable_params:,} trainable of {total_params:,}; "
             "optimizer state {opt_state_bytes:,} bytes".format(**report))
+  bar.write(models.attention_summary(model_cfg))
 
   pipeline = data.make_train_pipeline(
       cfg.data, tok, seq_len=cfg.train.seq_len,
