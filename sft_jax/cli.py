@@ -49,6 +49,8 @@ def main(argv=None) -> int:
   if name not in _COMMANDS:
     print(f"sft-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
     return 2
+  from sft_jax import xla_flags  # pylint: disable=g-import-not-at-top
+  xla_flags.set_default_gpu_flags()  # before any sub-command imports jax
   module_name, func_name = _COMMANDS[name][0].split(":")
   func = getattr(importlib.import_module(module_name), func_name)
   return int(func(rest) or 0)

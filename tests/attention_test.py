@@ -152,3 +152,18 @@ def test_unknown_impl_and_mode_are_errors():
   with pytest.raises(ValueError, match="unknown attention mode"):
     attention_lib.attention(q, k, v, pos, seg, pos, seg, scale=1.0,
                             mode="prefill")
+
+
+
+def test_chunked_cache_mode_equals_xla(monkeypatch):
+  """Decoding: 5 new tokens against a 40-slot cache, causality by position."""
+  monkeypatch.setattr(attention_chunked, "_CHUNK", 2)
+  q, k, v, pos, seg = packed_batch()
+  q, q_pos, q_seg = q[:, 30:35], pos[:, 30:35], seg[:, 30:35]
+  k, v, kv_pos, kv_seg = k[:, :40], v[:, :40], pos[:, :40], seg[:, :40]
+  for window, softcap in KINDS.values():
+    outs = [attention_lib.attention(q, k, v, q_pos, q_seg, kv_pos, kv_seg,
+                                    window=window, softcap=softcap, scale=0.3,
+                                    impl=impl, mode="cache")
+            for impl in ("xla", "xla_chunked")]
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
