@@ -79,6 +79,7 @@ def synthetic_batch(batch_size: int, seq_len: int, vocab_size: int,
 def run(cfg, steps: int = 5, warmup: int = 2) -> dict:
   """Benchmarks `cfg`'s train step on all devices; returns the figures."""
   import jax  # pylint: disable=g-import-not-at-top
+  from sft_jax import models  # pylint: disable=g-import-not-at-top
   from sft_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from sft_jax.train import sharding  # pylint: disable=g-import-not-at-top
   from sft_jax.train import model_setup
@@ -137,6 +138,7 @@ def run(cfg, steps: int = 5, warmup: int = 2) -> dict:
       "dtype": cfg.model.dtype,
       "param_dtype": cfg.model.param_dtype,
       "remat": cfg.model.remat,
+      "attention": models.attention_summary(model_cfg),
       "batch_size": b,
       "seq_len": t,
       "grad_accum": cfg.train.grad_accum,
