@@ -20,7 +20,8 @@ def get_config(arg=None):
   c.model.init = "pretrained"  # "pretrained" loads model.path; "random" = shape only.
   c.model.hf_config = ""  # JSON HF config fields, used when model.path is "".
   c.model.dtype = "bfloat16"  # Compute dtype of activations and matmuls.
-  c.model.param_dtype = "float32"  # Storage dtype of weights and their gradients.
+  c.model.param_dtype = "float32"  # Storage dtype of the weights as loaded (the frozen base).
+  c.model.trainable_dtype = "float32"  # Trainable weights, grads, optimizer state; "bfloat16" = pure bf16.
   c.model.scan_layers = True  # lax.scan over layers (False = unrolled; same params).
   c.model.remat = "none"  # Layer remat: "none" | "full" | a jax.checkpoint_policies name.
   c.model.attention = "xla"  # Attention implementation (models.attention impl).
