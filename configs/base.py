@@ -27,7 +27,7 @@ def get_config(arg=None):
   c.model.attention = "xla"  # Attention implementation (models.attention impl).
 
   c.method = config_dict.ConfigDict()
-  c.method.name = "full"  # "full" | "freeze" (train matches only) | "lora".
+  c.method.name = "full"  # "full" | "freeze" (train matches only) | "lora" | "qlora".
   c.method.trainable = ".*"  # freeze: regex over param paths ("layers/mlp/up_proj/kernel").
   c.method.train_top_layers = 0  # freeze: >0 trains only the top N of the stacked layers.
   c.method.lora = config_dict.ConfigDict()
@@ -37,6 +37,9 @@ def get_config(arg=None):
   c.method.lora.targets = (  # Regex of module names that get adapters.
       r"q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj")
   c.method.lora.init_adapter = ""  # PEFT adapter dir to start from ("" = fresh, B = 0).
+  c.method.qlora = config_dict.ConfigDict()  # qlora = method.lora over a quantized frozen base.
+  c.method.qlora.format = "nf4"  # Layer kernels: "nf4" (4-bit NormalFloat) | "int8".
+  c.method.qlora.block_size = 64  # Input rows per absmax scale (divides each kernel's rows).
 
   c.optim = config_dict.ConfigDict()
   c.optim.name = "adamw"  # "adamw" | "sgd" | "lion" | "adafactor".

@@ -178,6 +178,10 @@ class ModelConfig:
   remat: str = "none"  # "none", "full" or a jax.checkpoint_policies name
   attention_impl: str = "xla"
   lora: LoraConfig | None = None
+  # Frozen base quantization of the layers' kernels (see quant.py):
+  # "" (none) | "nf4" | "int8", in blocks of quant_block input rows.
+  quant: str = ""
+  quant_block: int = 64
 
   @property
   def scale(self) -> float:

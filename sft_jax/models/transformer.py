@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from sft_jax.models import attention as attention_lib
+from sft_jax.models import quant as quant_lib
 from sft_jax.models.config import ModelConfig
 
 _KERNEL_INIT = nn.initializers.normal(0.02)
@@ -51,8 +52,13 @@ class _Dense(nn.Module):
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     in_features = x_BxTxI.shape[-1]
-    kernel_IxO = self.param("kernel", _KERNEL_INIT,
-                            (in_features, self.features), pdtype)
+    init = _KERNEL_INIT
+    if cfg.quant:  # A frozen quantized base: {"codes", "scale"}.
+      init = quant_lib.quantized_init(init, cfg.quant, cfg.quant_block)
+    kernel_IxO = self.param("kernel", init, (in_features, self.features),
+                            pdtype)
+    if quant_lib.is_quantized(kernel_IxO):
+      kernel_IxO = quant_lib.dequantize(kernel_IxO, dtype)
     y_BxTxO = jnp.einsum("bti,io->bto", x_BxTxI, kernel_IxO.astype(dtype))
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,),

@@ -108,9 +108,10 @@ def _split_by_method(cfg: config_dict.ConfigDict, variables: dict
   params = {"params": variables["params"]}
   if name == "full":
     return params, {k: v for k, v in variables.items() if k != "params"}
-  if name == "lora":
+  if name in ("lora", "qlora"):
     if "lora" not in variables:
-      raise ValueError("method lora: the variables have no 'lora' collection")
+      raise ValueError(f"method {name}: the variables have no 'lora' "
+                       "collection")
     return {"lora": variables["lora"]}, params
   if name == "freeze":
     hit, rest = partition.split(variables["params"], cfg.method.trainable)
