@@ -309,16 +309,25 @@ class Transformer(nn.Module):
     if cfg.remat != "none":
       block = nn.remat(block, prevent_cse=False,
                        policy=_remat_policy(cfg.remat))
-    stack = nn.scan(
-        block, variable_axes={"params": 0, "lora": 0},
-        split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
-                 nn.broadcast, 0),
-        length=cfg.num_layers,
-        unroll=1 if cfg.scan_layers else cfg.num_layers)
-    x_BxTxD, new_kv = stack(cfg, name="layers")(
-        x_BxTxD, layer_inputs, positions_BxT, segment_ids_BxT,
-        kv_positions_BxS, kv_segment_ids_BxS, cache_index, kv_cache)
+
+    def scan(x_BxTxD, name, lo, hi):
+      stack = nn.scan(
+          block, variable_axes={"params": 0, "lora": 0},
+          split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
+                   nn.broadcast, 0),
+          length=hi - lo, unroll=1 if cfg.scan_layers else hi - lo)
+      return stack(cfg, name=name)(
+          x_BxTxD, jax.tree.map(lambda a: a[lo:hi], layer_inputs),
+          positions_BxT, segment_ids_BxT, kv_positions_BxS,
+          kv_segment_ids_BxS, cache_index, kv_cache)
+
+    lo = cfg.frozen_layers
+    if lo:  # Training only (see ModelConfig.frozen_layers).
+      if cache is not None:
+        raise ValueError("cfg.frozen_layers is for training, not decoding")
+      x_BxTxD, _ = scan(x_BxTxD, "frozen_layers", 0, lo)
+    x_BxTxD, new_kv = scan(x_BxTxD, "layers", lo, cfg.num_layers)
     hidden_BxTxD = _RMSNorm(cfg, name="final_norm")(x_BxTxD)
     if return_hidden:
       out = hidden_BxTxD
