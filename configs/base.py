@@ -50,6 +50,7 @@ def get_config(arg=None):
   c.optim.b1 = 0.9  # adamw/lion first-moment decay; sgd momentum (0 = none).
   c.optim.b2 = 0.999  # adamw/lion second-moment decay.
   c.optim.eps = 1e-8  # adamw denominator epsilon.
+  c.optim.moment_dtype = "float32"  # adamw moments stored as "float32" | "bfloat16" (half the state).
   c.optim.weight_decay = 0.0  # Decoupled weight decay (times lr).
   c.optim.wd_exclude = r"norm|bias|embed"  # Param-path regex kept out of weight decay.
   c.optim.clip_norm = 1.0  # Global gradient-norm clipping (0 = off).
