@@ -20,13 +20,14 @@ def get_config(arg=None):
   c.model.init = "pretrained"  # "pretrained" loads model.path; "random" = shape only.
   c.model.hf_config = ""  # JSON HF config fields, used when model.path is "".
   c.model.dtype = "bfloat16"  # Compute dtype of activations and matmuls.
-  c.model.param_dtype = "float32"  # Storage dtype of weights and their gradients.
+  c.model.param_dtype = "float32"  # Storage dtype of the weights as loaded (the frozen base).
+  c.model.trainable_dtype = "float32"  # Trainable weights, grads, optimizer state; "bfloat16" = pure bf16.
   c.model.scan_layers = True  # lax.scan over layers (False = unrolled; same params).
   c.model.remat = "none"  # Layer remat: "none" | "full" | a named policy (models/remat.py).
   c.model.attention = "auto"  # "auto" | "xla" | "xla_chunked" | "splash" | "tokamax" | "cudnn".
 
   c.method = config_dict.ConfigDict()
-  c.method.name = "full"  # "full" | "freeze" (train matches only) | "lora".
+  c.method.name = "full"  # "full" | "freeze" (train matches only) | "lora" | "qlora".
   c.method.trainable = ".*"  # freeze: regex over param paths ("layers/mlp/up_proj/kernel").
   c.method.train_top_layers = 0  # freeze: >0 trains only the top N of the stacked layers.
   c.method.lora = config_dict.ConfigDict()
@@ -36,6 +37,9 @@ def get_config(arg=None):
   c.method.lora.targets = (  # Regex of module names that get adapters.
       r"q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj")
   c.method.lora.init_adapter = ""  # PEFT adapter dir to start from ("" = fresh, B = 0).
+  c.method.qlora = config_dict.ConfigDict()  # qlora = method.lora over a quantized frozen base.
+  c.method.qlora.format = "nf4"  # Layer kernels: "nf4" (4-bit NormalFloat) | "int8".
+  c.method.qlora.block_size = 64  # Input rows per absmax scale (divides each kernel's rows).
 
   c.optim = config_dict.ConfigDict()
   c.optim.name = "adamw"  # "adamw" | "sgd" | "lion" | "adafactor".
@@ -46,6 +50,7 @@ def get_config(arg=None):
   c.optim.b1 = 0.9  # adamw/lion first-moment decay; sgd momentum (0 = none).
   c.optim.b2 = 0.999  # adamw/lion second-moment decay.
   c.optim.eps = 1e-8  # adamw denominator epsilon.
+  c.optim.moment_dtype = "float32"  # adamw moments stored as "float32" | "bfloat16" (half the state).
   c.optim.weight_decay = 0.0  # Decoupled weight decay (times lr).
   c.optim.wd_exclude = r"norm|bias|embed"  # Param-path regex kept out of weight decay.
   c.optim.clip_norm = 1.0  # Global gradient-norm clipping (0 = off).

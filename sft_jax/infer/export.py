@@ -106,6 +106,9 @@ def export_merged(model_cfg, params, lora, out_dir: str, *, tokenizer,
   Returns:
     out_dir.
   """
+  if model_cfg.quant:  # qlora: the dequantized base, LoRA merged into it.
+    params = models.dequantize_params(params)
+    model_cfg = dataclasses.replace(model_cfg, quant="")
   if lora is not None:
     if model_cfg.lora is None:
       raise ValueError("got LoRA variables but model_cfg.lora is None")

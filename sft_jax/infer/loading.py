@@ -90,6 +90,10 @@ def load(model: str, *, step: int | None = None, adapter: str | None = None,
   if dtype is not None:
     loaded.model_cfg = dataclasses.replace(loaded.model_cfg, dtype=dtype)
   if merge_lora and "lora" in loaded.variables:
+    if loaded.model_cfg.quant:  # qlora: merge into the dequantized base.
+      loaded.variables["params"] = models.dequantize_params(
+          loaded.variables["params"], loaded.model_cfg.param_dtype)
+      loaded.model_cfg = dataclasses.replace(loaded.model_cfg, quant="")
     loaded.variables = {"params": models.merge_lora(
         loaded.variables["params"], loaded.variables["lora"],
         loaded.model_cfg)}

@@ -142,7 +142,8 @@ def _set_layer(stacked, x, i):
   return stacked.at[i].set(x)
 
 
-def load_hf(path_or_hub_id: str, *, dtype=None, shardings=None):
+def load_hf(path_or_hub_id: str, *, dtype=None, shardings=None,
+            leaf_fn=None):
   """Loads a HF safetensors checkpoint.
 
   Args:
@@ -150,6 +151,8 @@ def load_hf(path_or_hub_id: str, *, dtype=None, shardings=None):
     dtype: param dtype to cast to (default: cfg.param_dtype, float32).
     shardings: optional pytree of jax.sharding.Sharding matching the params;
       each device's slice is read straight from the files.
+    leaf_fn: optional fn(path, array) -> pytree applied to each param as
+      soon as it is read (e.g. quantization), so the originals never coexist.
 
   Returns:
     (ModelConfig, params) with params as in transformer.py.
@@ -231,6 +234,8 @@ def load_hf(path_or_hub_id: str, *, dtype=None, shardings=None):
       out[path] = leaf
     else:
       out[path] = jnp.asarray(read(names[0][0], ()))
+    if leaf_fn is not None:
+      out[path] = leaf_fn(path, out[path])
   return cfg, _unflatten(out)
 
 

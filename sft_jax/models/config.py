@@ -178,6 +178,14 @@ class ModelConfig:
   remat: str = "none"  # a policy of remat.py ("none", "full", ...)
   attention_impl: str = "auto"  # see attention.py
   lora: LoraConfig | None = None
+  # Frozen base quantization of the layers' kernels (see quant.py):
+  # "" (none) | "nf4" | "int8", in blocks of quant_block input rows.
+  quant: str = ""
+  quant_block: int = 64
+  # Training with the bottom N layers frozen: they run as a scan of their
+  # own over params "frozen_layers" (layers/... holds the top L - N), so no
+  # weight gradient is computed for them. Never in a checkpoint or export.
+  frozen_layers: int = 0
 
   @property
   def scale(self) -> float:

@@ -36,6 +36,7 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from sft_jax.models import attention as attention_lib
+from sft_jax.models import quant as quant_lib
 from sft_jax.models import remat as remat_lib
 from sft_jax.models.config import ModelConfig
 
@@ -61,8 +62,13 @@ class _Dense(nn.Module):
     cfg = self.cfg
     dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     in_features = x_BxTxI.shape[-1]
-    kernel_IxO = self.param("kernel", _KERNEL_INIT,
-                            (in_features, self.features), pdtype)
+    init = _KERNEL_INIT
+    if cfg.quant:  # A frozen quantized base: {"codes", "scale"}.
+      init = quant_lib.quantized_init(init, cfg.quant, cfg.quant_block)
+    kernel_IxO = self.param("kernel", init, (in_features, self.features),
+                            pdtype)
+    if quant_lib.is_quantized(kernel_IxO):
+      kernel_IxO = quant_lib.dequantize(kernel_IxO, dtype)
     y_BxTxO = jnp.einsum("bti,io->bto", x_BxTxI, kernel_IxO.astype(dtype))
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,),
@@ -327,16 +333,26 @@ class Transformer(nn.Module):
     if cfg.remat != "none":
       block = nn.remat(block, prevent_cse=False,
                        policy=remat_lib.policy(cfg.remat))
-    stack = nn.scan(
-        block, variable_axes={"params": 0, "lora": 0},
-        split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
-                 nn.broadcast),
-        length=cfg.num_layers,
-        unroll=1 if cfg.scan_layers else cfg.num_layers)
-    (x_BxTxD, new_kv), _ = stack(cfg, name="layers")(
-        (x_BxTxD, kv_cache), layer_inputs, positions_BxT, segment_ids_BxT,
-        kv_positions_BxS, kv_segment_ids_BxS, cache_index)
+
+    def scan(carry, name, lo, hi):
+      stack = nn.scan(
+          block, variable_axes={"params": 0, "lora": 0},
+          split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
+                   nn.broadcast),
+          length=hi - lo, unroll=1 if cfg.scan_layers else hi - lo)
+      carry, _ = stack(cfg, name=name)(
+          carry, jax.tree.map(lambda a: a[lo:hi], layer_inputs),
+          positions_BxT, segment_ids_BxT, kv_positions_BxS,
+          kv_segment_ids_BxS, cache_index)
+      return carry
+
+    lo = cfg.frozen_layers
+    if lo:  # Training only (see ModelConfig.frozen_layers).
+      if cache is not None:
+        raise ValueError("cfg.frozen_layers is for training, not decoding")
+      x_BxTxD, _ = scan((x_BxTxD, None), "frozen_layers", 0, lo)
+    x_BxTxD, new_kv = scan((x_BxTxD, kv_cache), "layers", lo, cfg.num_layers)
     hidden_BxTxD = _RMSNorm(cfg, name="final_norm")(x_BxTxD)
     if return_hidden:
       out = hidden_BxTxD

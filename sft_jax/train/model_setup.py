@@ -18,9 +18,10 @@ import numpy as np
 from ml_collections import config_dict
 
 from sft_jax import models
+from sft_jax.models import quant
 from sft_jax.train import sharding
 
-METHODS = ("full", "freeze", "lora")  # config method.name values
+METHODS = ("full", "freeze", "lora", "qlora")  # config method.name values
 
 
 def _read_hf_config(path: str) -> dict:
@@ -44,8 +45,13 @@ def model_config(cfg: config_dict.ConfigDict) -> "models.ModelConfig":
   if cfg.method.name not in METHODS:
     raise ValueError(f"config method.name: unknown {cfg.method.name!r} "
                      f"({' | '.join(METHODS)})")
-  lora = None
-  if cfg.method.name == "lora":
+  lora, fmt = None, ""
+  if cfg.method.name == "qlora":
+    fmt = cfg.method.qlora.format
+    if fmt not in quant.FORMATS:
+      raise ValueError(f"config method.qlora.format: unknown {fmt!r} "
+                       f"({' | '.join(quant.FORMATS)})")
+  if cfg.method.name in ("lora", "qlora"):
     lora = models.LoraConfig(rank=cfg.method.lora.rank,
                              alpha=cfg.method.lora.alpha,
                              rslora=cfg.method.lora.rslora,
@@ -54,7 +60,7 @@ def model_config(cfg: config_dict.ConfigDict) -> "models.ModelConfig":
       models.ModelConfig.from_hf_config(hf), dtype=cfg.model.dtype,
       param_dtype=cfg.model.param_dtype, scan_layers=cfg.model.scan_layers,
       remat=cfg.model.remat, attention_impl=cfg.model.attention,
-      lora=lora)
+      lora=lora, quant=fmt, quant_block=cfg.method.qlora.block_size)
 
 
 def variable_shardings(cfg: config_dict.ConfigDict,
@@ -110,13 +116,42 @@ def load_or_init_model(cfg: config_dict.ConfigDict, mesh: jax.sharding.Mesh
       variables["lora"] = _init_lora(cfg, model_cfg, mesh, rules, rng,
                                      shardings["lora"])
     return model_cfg, variables
-  _, params = models.load_hf(cfg.model.path, dtype=cfg.model.param_dtype,
-                             shardings=shardings["params"])
+  _, params = _load_base(cfg, model_cfg, mesh, rules, shardings["params"])
   variables = {"params": params}
   if "lora" in shardings:
     variables["lora"] = _init_lora(cfg, model_cfg, mesh, rules, rng,
                                    shardings["lora"])
   return model_cfg, variables
+
+
+def _load_base(cfg, model_cfg, mesh, rules, param_shardings):
+  """load_hf into the shardings; under qlora each layer kernel is quantized
+  as soon as it is read, so at most one full-precision tensor exists."""
+  if not model_cfg.quant:
+    return models.load_hf(cfg.model.path, dtype=cfg.model.param_dtype,
+                          shardings=param_shardings)
+  plain_cfg = dataclasses.replace(model_cfg, quant="", lora=None)
+  _, plain = _shapes_and_shardings(plain_cfg, mesh, rules)
+  quantized = dict(_flat_items(param_shardings))
+  fmt, block = model_cfg.quant, model_cfg.quant_block
+
+  def quantize_leaf(path, x):
+    if not quant.quantizes(path):
+      return x
+    out = {k: quantized[f"{path}/{k}"] for k in ("codes", "scale")}
+    return jax.jit(lambda w: quant.quantize(w, fmt, block),
+                   out_shardings=out)(x)
+
+  return models.load_hf(cfg.model.path, dtype=cfg.model.param_dtype,
+                        shardings=plain["params"], leaf_fn=quantize_leaf)
+
+
+def _flat_items(tree, prefix=""):
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _flat_items(value, f"{prefix}{key}/")
+    else:
+      yield f"{prefix}{key}", value
 
 
 def _init_lora(cfg, model_cfg, mesh, rules, rng, lora_shardings):

@@ -57,7 +57,20 @@ def make_optimizer(optim_cfg: config_dict.ConfigDict, total_steps: int,
   lr = schedule(optim_cfg, total_steps)
   wd = optim_cfg.weight_decay
   name = optim_cfg.name
-  if name == "adamw":
+  moment_dtype = optim_cfg.moment_dtype
+  if moment_dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"optim.moment_dtype: unknown {moment_dtype!r} "
+                     "(float32 | bfloat16)")
+  if moment_dtype != "float32" and name != "adamw":
+    raise ValueError(f"optim.moment_dtype={moment_dtype} applies to adamw, "
+                     f"not optim.name={name!r}")
+  if name == "adamw" and moment_dtype != "float32":
+    rule = optax.chain(
+        scale_by_adam_stored_as(jnp.dtype(moment_dtype), optim_cfg.b1,
+                                optim_cfg.b2, optim_cfg.eps),
+        optax.add_decayed_weights(wd, wd_mask),
+        optax.scale_by_learning_rate(lr))
+  elif name == "adamw":
     rule = optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                        weight_decay=wd, mask=wd_mask)
   elif name == "lion":
@@ -76,6 +89,40 @@ def make_optimizer(optim_cfg: config_dict.ConfigDict, total_steps: int,
   if optim_cfg.clip_norm > 0:
     return optax.chain(optax.clip_by_global_norm(optim_cfg.clip_norm), rule)
   return rule
+
+
+def scale_by_adam_stored_as(dtype, b1: float, b2: float, eps: float
+                            ) -> optax.GradientTransformation:
+  """Adam's direction with both moments STORED in `dtype` (e.g. bfloat16).
+
+  The arithmetic is float32 (moments are widened, updated, bias-corrected,
+  then rounded back), so only the storage halves: 4 bytes per weight instead
+  of 8. optax.scale_by_adam's mu_dtype covers the first moment only.
+  """
+  def init(params):
+    zeros = lambda p: jnp.zeros(p.shape, dtype)
+    return optax.ScaleByAdamState(count=jnp.zeros((), jnp.int32),
+                                  mu=jax.tree.map(zeros, params),
+                                  nu=jax.tree.map(zeros, params))
+
+  def update(updates, state, params=None):
+    del params
+    count = optax.safe_increment(state.count)
+    t = count.astype(jnp.float32)
+    f32 = lambda x: x.astype(jnp.float32)
+    mu = jax.tree.map(lambda m, g: b1 * f32(m) + (1 - b1) * f32(g),
+                      state.mu, updates)
+    nu = jax.tree.map(lambda v, g: b2 * f32(v) + (1 - b2) * jnp.square(f32(g)),
+                      state.nu, updates)
+    direction = jax.tree.map(
+        lambda m, v, g: ((m / (1 - b1 ** t))
+                         / (jnp.sqrt(v / (1 - b2 ** t)) + eps)).astype(g.dtype),
+        mu, nu, updates)
+    store = lambda tree: jax.tree.map(lambda x: x.astype(dtype), tree)
+    return direction, optax.ScaleByAdamState(count=count, mu=store(mu),
+                                             nu=store(nu))
+
+  return optax.GradientTransformation(init, update)
 
 
 def tree_norm(tree) -> jax.Array:

@@ -22,6 +22,7 @@ from ml_collections import config_dict
 from sft_jax import data
 from sft_jax.train import checkpoint as checkpoint_lib
 from sft_jax.train import config as config_lib
+from sft_jax.train import freeze
 from sft_jax.train import partition
 from sft_jax.train import sharding
 from sft_jax.train import model_setup
@@ -117,7 +118,8 @@ def load_run(run_dir: str, step: int | None = None, *,
     _, variables = model_setup.load_or_init_model(cfg, mesh)
     _, frozen = step_lib.split_trainable(cfg, variables)
     del variables
-  variables = partition.merge(restored["trainable"], frozen)
+  variables = freeze.join_layers(partition.merge(restored["trainable"],
+                                                 frozen))
   return Run(config=cfg, model_cfg=model_cfg, params=variables["params"],
              lora=variables.get("lora"), tokenizer=tokenizer,
              step=int(restored["step"]), base_model=cfg.model.path or None,

@@ -15,17 +15,18 @@ by the number of supervised tokens in the whole global batch, so gradient
 accumulation and the mesh shape change nothing but rounding.
 """
 
+import dataclasses
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_dict
 
 from sft_jax import models
+from sft_jax.train import freeze
 from sft_jax.train import loss as loss_lib
 from sft_jax.train import model_setup
 from sft_jax.train import optim
@@ -51,22 +52,79 @@ class TrainState:
 
 
 def variables_of(state: TrainState) -> dict:
-  """The model variables {"params": ..., ["lora": ...]} of a state."""
-  return partition.merge(state.trainable, state.frozen)
+  """The model variables {"params": ..., ["lora": ...]} of a state, with
+  every stacked leaf whole ([L, ...]; see freeze.py)."""
+  return freeze.join_layers(partition.merge(state.trainable, state.frozen))
+
+
+def training_model_config(state_or_frozen, model_cfg: "models.ModelConfig"
+                          ) -> "models.ModelConfig":
+  """model_cfg running the state's bottom layers as frozen (freeze.py)."""
+  frozen = getattr(state_or_frozen, "frozen", state_or_frozen)
+  bottom = frozen.get("params", {}).get(freeze.FROZEN_LAYERS)
+  if bottom is None:
+    return model_cfg
+  return dataclasses.replace(
+      model_cfg, frozen_layers=jax.tree.leaves(bottom)[0].shape[0])
 
 
 # --- trainable / frozen ----------------------------------------------------
 
+TRAINABLE_DTYPES = ("float32", "bfloat16")  # config model.trainable_dtype
+
+
+def trainable_dtype(cfg: config_dict.ConfigDict) -> jnp.dtype:
+  """Storage dtype of the trainable weights, their gradients and optimizer state.
+
+  float32 whatever `model.param_dtype` is: a bf16 weight cannot take an update
+  below half its ulp (|w| * 2^-9), which at fine-tuning learning rates is most
+  updates. The float32 copy in the state IS the master copy: the model casts
+  every weight to the compute dtype where it is used, so no second bf16 copy
+  is kept. Chosen over stochastic rounding or compensated (Kahan) summation:
+  exact and deterministic (a resumed run is bit-identical), and bf16 + a bf16
+  compensation term costs the same 4 bytes per weight. "bfloat16" (pure bf16)
+  is an explicit opt-in.
+  """
+  name = cfg.model.trainable_dtype
+  if name not in TRAINABLE_DTYPES:
+    raise ValueError(f"config model.trainable_dtype: unknown {name!r} "
+                     f"({' | '.join(TRAINABLE_DTYPES)})")
+  return jnp.dtype(name)
+
+
+def _cast_floating(tree: dict, dtype) -> dict:
+  """Floating leaves (arrays or ShapeDtypeStructs) cast to `dtype`."""
+  def fn(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
+  return jax.tree.map(fn, tree)
+
+
 def split_trainable(cfg: config_dict.ConfigDict, variables: dict
                     ) -> tuple[dict, dict]:
-  """(trainable, frozen) parts of `variables` by `cfg.method`."""
+  """(trainable, frozen) parts of `variables` by `cfg.method`.
+
+  The trainable part is cast to `trainable_dtype(cfg)` (float32 by default,
+  also for LoRA adapters over a bf16 base); the frozen part keeps its dtype.
+  `variables` may hold arrays or jax.ShapeDtypeStructs.
+  """
+  trainable, frozen = _split_by_method(cfg, variables)
+  return _cast_floating(trainable, trainable_dtype(cfg)), frozen
+
+
+def _split_by_method(cfg: config_dict.ConfigDict, variables: dict
+                     ) -> tuple[dict, dict]:
   name = cfg.method.name
   params = {"params": variables["params"]}
   if name == "full":
     return params, {k: v for k, v in variables.items() if k != "params"}
-  if name == "lora":
+  if name in ("lora", "qlora"):
     if "lora" not in variables:
-      raise ValueError("method lora: the variables have no 'lora' collection")
+      raise ValueError(f"method {name}: the variables have no 'lora' "
+                       "collection")
     return {"lora": variables["lora"]}, params
   if name == "freeze":
     hit, rest = partition.split(variables["params"], cfg.method.trainable)
@@ -74,47 +132,12 @@ def split_trainable(cfg: config_dict.ConfigDict, variables: dict
       raise ValueError(f"config method.trainable={cfg.method.trainable!r} "
                        "matches no parameter; paths look like "
                        f"{sorted(partition.flat(variables['params']))[:3]}")
+    f = freeze.num_frozen_layers(cfg.method.train_top_layers,
+                                 variables["params"])
+    hit, rest = freeze.split_layers(hit, rest, f)
     return {"params": hit}, {"params": rest}
   raise ValueError(f"config method.name: unknown {name!r} "
                    f"({' | '.join(model_setup.METHODS)})")
-
-
-def layer_masks(cfg: config_dict.ConfigDict, model_cfg: "models.ModelConfig",
-                trainable: dict) -> dict | None:
-  """freeze with train_top_layers=N: {path: [L] 0/1 mask} for stacked leaves.
-
-  Layers are stacked along a leading axis, so "the top N layers" is a slice
-  of each stacked leaf, not a set of leaves. Chosen approach: such a leaf is
-  trainable as a whole (its optimizer state covers all L layers), and both its
-  gradient and its update are multiplied by a 0/1 mask over the layer axis,
-  so the bottom layers never move (not even by weight decay). Returns None
-  when no layer mask applies.
-  """
-  top = cfg.method.train_top_layers
-  if cfg.method.name != "freeze" or top <= 0:
-    return None
-  axes = partition.flat(models.logical_axes(model_cfg))
-  masks = {}
-  for path, x in partition.flat(trainable).items():
-    leaf_axes = axes[path]
-    if leaf_axes and leaf_axes[0] == "layers":
-      num_layers = x.shape[0]
-      if top > num_layers:
-        raise ValueError(f"config method.train_top_layers={top} > "
-                         f"{num_layers} layers")
-      masks[path] = np.arange(num_layers) >= num_layers - top
-  return masks or None
-
-
-def _apply_layer_masks(tree: dict, masks: dict | None) -> dict:
-  if not masks:
-    return tree
-  def fn(path, x):
-    if path not in masks:
-      return x
-    m = jnp.asarray(masks[path], x.dtype)
-    return x * m.reshape((-1,) + (1,) * (x.ndim - 1))
-  return partition.map_with_path(fn, tree)
 
 
 def _wd_mask_fn(exclude: str) -> Callable[[dict], dict]:
@@ -161,17 +184,10 @@ def init_train_state(cfg: config_dict.ConfigDict,
 
 def param_report(cfg: config_dict.ConfigDict, model_cfg: "models.ModelConfig",
                  state: TrainState) -> dict[str, int]:
-  """Counts for the start-of-run report: params and optimizer-state bytes.
-
-  trainable_params counts only what can change (the top-N slice of stacked
-  leaves under train_top_layers).
-  """
-  masks = layer_masks(cfg, model_cfg, state.trainable) or {}
-  trainable = 0
-  for path, x in partition.flat(state.trainable).items():
-    frac = float(np.mean(masks[path])) if path in masks else 1.0
-    trainable += int(round(x.size * frac))
+  """Counts for the start-of-run report: params and optimizer-state bytes."""
+  del cfg, model_cfg
   size = lambda t: sum(x.size for x in jax.tree.leaves(t))
+  trainable = size(state.trainable)
   nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
   return {
       "trainable_params": trainable,
@@ -282,13 +298,12 @@ def make_train_step(cfg: config_dict.ConfigDict,
 
   def micro_loss(trainable, frozen, mb, denom):
     variables = partition.merge(trainable, frozen)
-    return _train_loss(model_cfg, variables, mb, denom, chunk, num_sources,
-                       z_loss)
+    return _train_loss(training_model_config(frozen, model_cfg), variables,
+                       mb, denom, chunk, num_sources, z_loss)
 
   grad_fn = jax.grad(micro_loss, has_aux=True)
 
   def train_step(state: TrainState, batch: Batch):
-    masks = layer_masks(cfg, model_cfg, state.trainable)
     denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     if k == 1:
       grads, sums = grad_fn(state.trainable, state.frozen, batch, denom)
@@ -304,12 +319,10 @@ def make_train_step(cfg: config_dict.ConfigDict,
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), zeros)
       (grads, sums), _ = jax.lax.scan(body, zeros,
                                       _micro_batches(batch, k, mesh))
-    grads = _apply_layer_masks(grads, masks)
     grad_norm = optim.tree_norm(grads)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads,
                          state.trainable)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    updates = _apply_layer_masks(updates, masks)
     trainable = optax.apply_updates(state.trainable, updates)
 
     loss = (sums["nll_sum"] + sums["z_sum"]) / denom
@@ -355,8 +368,9 @@ def make_eval_step(cfg: config_dict.ConfigDict,
   chunk, num_sources = cfg.train.ce_chunk, _num_sources(cfg)
 
   def eval_step(state: TrainState, batch: Batch) -> dict:
-    sums = _eval_sums(model_cfg, variables_of(state), batch, chunk,
-                      num_sources)
+    sums = _eval_sums(training_model_config(state, model_cfg),
+                      partition.merge(state.trainable, state.frozen), batch,
+                      chunk, num_sources)
     del sums["z_sum"]
     return sums
 

@@ -1,0 +1,53 @@
+"""NF4 / int8 block quantization of a frozen base (sft_jax/models/quant.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from sft_jax.models import quant
+
+
+def test_nf4_code_book_is_qloras():
+  # bitsandbytes' create_normal_map(offset=0.9677083, use_extra_value=True):
+  # 8 positive and 7 negative normal quantiles and a zero, scaled to [-1, 1].
+  offset = 0.9677083
+  pos = stats.norm.ppf(np.linspace(offset, 0.5, 9, dtype=np.float32)[:-1])
+  neg = -stats.norm.ppf(np.linspace(offset, 0.5, 8, dtype=np.float32)[:-1])
+  levels = np.sort(np.concatenate([pos, [0.0], neg]))
+  np.testing.assert_allclose(quant.NF4, levels / levels.max(), atol=1e-6)
+  assert quant.NF4[7] == 0.0 and quant.NF4[0] == -1.0 and quant.NF4[-1] == 1.0
+
+
+@pytest.mark.parametrize("fmt", quant.FORMATS)
+def test_quantize_round_trip_and_error_bound(fmt):
+  w = jax.random.normal(jax.random.key(0), (2, 128, 24)) * 0.05
+  q = quant.quantize(w, fmt, 32)
+  want_codes = (2, 64, 24) if fmt == "nf4" else (2, 128, 24)
+  assert q["codes"].shape == want_codes and q["scale"].shape == (2, 4, 24)
+  d = np.asarray(quant.dequantize(q))
+  # Each weight lands on its nearest level: within half the widest gap of
+  # the code book, in units of its block's absmax.
+  gap = np.max(np.diff(quant.NF4)) / 2 if fmt == "nf4" else 0.5 / 127
+  scale = np.repeat(np.asarray(q["scale"]), 32, axis=1)
+  assert np.all(np.abs(d - np.asarray(w)) <= gap * scale * (1 + 1e-6))
+  # The absmax of each block is exact, and re-quantizing is the identity.
+  np.testing.assert_allclose(np.abs(d).reshape(2, 4, 32, 24).max(2),
+                             q["scale"], rtol=1e-6)
+  q2 = quant.quantize(jnp.asarray(d), fmt, 32)
+  np.testing.assert_array_equal(q2["codes"], q["codes"])
+
+
+def test_bytes_per_weight():
+  w = jnp.zeros((1024, 256), jnp.bfloat16)
+  for fmt, want in (("nf4", 0.5 + 4 / 64), ("int8", 1 + 4 / 64)):
+    q = quant.quantize(w, fmt, 64)
+    nbytes = sum(x.nbytes for x in q.values())
+    assert nbytes / w.size == want
+  assert (0.5 + 4 / 64) / 2 <= 0.3  # nf4 against bf16
+
+
+def test_bad_block_is_one_clear_error():
+  with pytest.raises(ValueError, match="block 48 does not divide the 64"):
+    quant.quantize(jnp.zeros((64, 8)), "nf4", 48)
