@@ -31,6 +31,7 @@ from ml_collections import config_dict
 from sft_jax import data
 from sft_jax.train import checkpoint as checkpoint_lib
 from sft_jax.train import config as config_lib
+from sft_jax.train import distill
 from sft_jax.train import evaluate
 from sft_jax.train import flops
 from sft_jax.train import metrics_writer
@@ -178,6 +179,8 @@ class _HostMetrics:
         "param_norm", "lr", "num_supervised_tokens", "num_tokens", "skipped")}
     if self._cfg.train.z_loss:
       s["train/z_loss"] = float(m["z_loss"])
+    if "distill_loss" in m:
+      s["train/distill_loss"] = float(m["distill_loss"])
     s["train/packing_efficiency"] = float(m["num_tokens"]) / self._row_tokens
     for sid, name in enumerate(self._sources):
       if m["source_count"][sid] > 0:
@@ -263,6 +266,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
 
   mesh = sharding.make_mesh(cfg.mesh)
   model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
+  if distill.enabled(cfg) and not distill.is_offline(cfg):
+    variables["teacher"] = distill.load_teacher(cfg, mesh)
   state, state_shardings = step_lib.init_train_state(cfg, model_cfg, variables,
                                                      mesh)
   del variables
