@@ -87,7 +87,7 @@ def _torch_reference(models_dir, batch, *, alpha, tau, top_k):
               embed=student.model.embed_tokens.weight.grad.numpy())
 
 
-@pytest.mark.parametrize("top_k", [0, 5])
+@pytest.mark.parametrize("top_k", [0])  # top-k: distill_loss_test.py.
 def test_online_step_equals_pytorch(models_dir, top_k):
   cfg = _cfg(models_dir, *_SGD, "--config.train.batch_size=2",
              "--config.distill.alpha=0.4", "--config.distill.temperature=2.0",
@@ -127,7 +127,7 @@ def test_grad_accum_and_mesh_change_nothing(models_dir):
     return jax.tree.map(np.asarray, (metrics, state.trainable))
 
   ref_m, ref_p = run((1, 1, 1), 1, jax.devices()[:1])
-  for mesh, accum in (((1, 1, 1), 2), ((2, 2, 2), 2)):
+  for mesh, accum in (((2, 2, 2), 2),):
     m, p = run(mesh, accum, jax.devices()[:int(np.prod(mesh))])
     for key in ("loss", "ce_loss", "distill_loss", "grad_norm"):
       np.testing.assert_allclose(m[key], ref_m[key], rtol=1e-5,
@@ -139,11 +139,11 @@ def test_grad_accum_and_mesh_change_nothing(models_dir):
 def test_alpha_zero_run_brings_student_towards_teacher(models_dir):
   cfg = _cfg(models_dir, "--config.train.batch_size=4",
              "--config.distill.alpha=0.0", "--config.optim.lr=3e-3",
-             "--config.optim.warmup_steps=0", "--config.train.steps=12")
+             "--config.optim.warmup_steps=0", "--config.train.steps=8")
   mesh, state, step = _state(cfg, jax.devices()[:1])
   batch = sharding.global_batch(_unpacked_batch(4, 16, 97, 5), mesh)
   kls = []
-  for _ in range(12):
+  for _ in range(8):
     state, metrics = step(state, batch)
     kls.append(float(metrics["distill_loss"]))
     # alpha = 0, tau = 1: the loss is the KL itself.

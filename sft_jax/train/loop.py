@@ -278,7 +278,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
   pipeline = data.make_train_pipeline(
       cfg.data, tok, seq_len=cfg.train.seq_len,
       batch_size=cfg.train.batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count(), seed=cfg.seed)
+      process_count=jax.process_count(), seed=cfg.seed,
+      teacher_cache=cfg.distill.cache)
   batches = iter(pipeline)
   early = None
   if cfg.eval.early_stop_metric:
