@@ -93,6 +93,9 @@ def get_config(arg=None):
   c.eval.generate_max_new_tokens = 128  # Generation budget per record.
   c.eval.generate_metrics = ("exact_match", "rouge_l", "bleu")  # infer.evaluate metric names.
   c.eval.generate_batch_size = 8  # Prompts decoded together.
+  # Ranking sets, name -> JSONL of {prompt, candidates, label} (see `sft-jax
+  # score`): eval/<name>/top1, top5 and mrr at every evaluation.
+  c.eval.ranking = config_dict.ConfigDict()
 
   c.mesh = config_dict.ConfigDict()
   c.mesh.data = 1  # Data-parallel axis size (-1 = all remaining devices).

@@ -314,8 +314,10 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
     writer.write_scalars(0, {f"params/{k}": v for k, v in report.items()})
 
   train_step = step_lib.jit_train_step(cfg, model_cfg, mesh, state_shardings)
+  ranking_sets = (evaluate.load_ranking_sets(cfg, tok)
+                  if cfg.eval.every_steps > 0 else {})
   eval_step = (step_lib.jit_eval_step(cfg, model_cfg, mesh, state_shardings)
-               if eval_sets or cfg.eval.generate else None)
+               if eval_sets or cfg.eval.generate or ranking_sets else None)
   host = _HostMetrics(cfg, model_cfg, report, data.source_names(cfg.data),
                       mesh, writer, bar)
   preemption = _Preemption()
@@ -355,6 +357,9 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
       eval_metrics = None
       if do_eval:
         eval_metrics = evaluate.eval_losses(eval_step, state, eval_sets, mesh)
+        if ranking_sets:
+          eval_metrics.update(evaluate.ranking_eval(
+              model_cfg, state, ranking_sets, cfg.eval.batch_size))
         if cfg.eval.generate:
           eval_metrics.update(evaluate.generation_eval(
               cfg, model_cfg, state, tok, step=step,
