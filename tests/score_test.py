@@ -136,3 +136,32 @@ def test_bad_line_names_file_and_line(tmp_path, model_dir, capsys, bad_line,
   assert "in.jsonl:3: " in err and message in err
   assert "Traceback" not in err
   assert not out.exists()
+
+
+def test_training_eval_ranking_equals_score(tmp_path, model_dir):
+  import jax  # pylint: disable=g-import-not-at-top
+  from sft_jax.data import load_tokenizer  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import evaluate  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import model_setup  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  candidates = [" It is four.", " The quick brown fox.", " four", " Hello",
+                " one two", " six"]
+  lines = [json.dumps({"prompt": p, "candidates": candidates, "label": i})
+           for i, (p, _) in enumerate(PROMPTS)]
+  rc, _ = _run(tmp_path, model_dir, lines, "--metrics",
+               str(tmp_path / "m.json"))
+  assert rc == 0
+  want = json.loads((tmp_path / "m.json").read_text())
+  cfg = config_lib.get_config_from_file(f"configs/tiny.py:model={model_dir}")
+  cfg.eval.ranking.rank = str(tmp_path / "in.jsonl")
+  cfg.lock()
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
+  state, _ = step_lib.init_train_state(cfg, model_cfg, variables, mesh)
+  sets = evaluate.load_ranking_sets(cfg, load_tokenizer(str(model_dir)))
+  got = evaluate.ranking_eval(model_cfg, state, sets, batch_size=4)
+  for key in ("top1", "top5", "mrr"):
+    np.testing.assert_allclose(got[f"eval/rank/{key}"], want[key], rtol=1e-12)
+  assert 0 < want["mrr"] < 1
