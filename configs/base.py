@@ -64,6 +64,17 @@ def get_config(arg=None):
   c.train.z_loss = 0.0  # Weight of z-loss: mean log(Z)^2 over supervised tokens.
   c.train.on_nonfinite = "stop"  # Non-finite loss/grad: "stop" the run or "skip" the update.
 
+  # Distillation (off while teacher and cache are both ""): loss = alpha * CE
+  # + (1 - alpha) * tau^2 * divergence(teacher_tau, student_tau) per token.
+  c.distill = config_dict.ConfigDict()
+  c.distill.teacher = ""  # Online teacher: HF dir or hub id, same vocabulary ("" = none).
+  c.distill.teacher_dtype = "bfloat16"  # Online teacher weights and compute: float32 | bfloat16.
+  c.distill.alpha = 0.5  # Weight of the CE term; (1 - alpha) weighs the divergence.
+  c.distill.temperature = 1.0  # tau: both distributions are softmax(logits / tau).
+  c.distill.top_k = 0  # Online: teacher top-k support, both renormalised (0 = full vocab).
+  c.distill.divergence = "forward_kl"  # forward_kl | reverse_kl | jsd.
+  c.distill.cache = ""  # Offline teacher: dir written by `sft-jax distill-cache` ("" = online).
+
   c.checkpoint = config_dict.ConfigDict()
   c.checkpoint.every_steps = 500  # Save every N steps (0 = only at the end); always at the end.
   c.checkpoint.keep = 3  # Keep the last N checkpoints (plus the best, if best_metric is set).
@@ -87,6 +98,9 @@ def get_config(arg=None):
   c.eval.generate_max_new_tokens = 128  # Generation budget per record.
   c.eval.generate_metrics = ("exact_match", "rouge_l", "bleu")  # infer.evaluate metric names.
   c.eval.generate_batch_size = 8  # Prompts decoded together.
+  # Ranking sets, name -> JSONL of {prompt, candidates, label} (see `sft-jax
+  # score`): eval/<name>/top1, top5 and mrr at every evaluation.
+  c.eval.ranking = config_dict.ConfigDict()
 
   c.mesh = config_dict.ConfigDict()
   c.mesh.data = 1  # Data-parallel axis size (-1 = all remaining devices).

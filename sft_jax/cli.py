@@ -14,6 +14,8 @@ _COMMANDS = {
               "fine-tune a model from a config; resumes from --workdir"),
     "score": ("sft_jax.score:main",
               "log-probabilities of completions / ranking of candidates"),
+    "distill-cache": ("sft_jax.train.distill_cache:main",
+                      "run a config's distill.teacher once: top-k log-probs"),
     "data": ("sft_jax.data.cli:main",
              "data tools: `data dump` (tokens and masks), `data inspect`"),
     "generate": ("sft_jax.infer.cli:generate_main",
@@ -35,7 +37,7 @@ _COMMANDS = {
 def _usage() -> str:
   lines = ["usage: sft-jax COMMAND [ARGS...]", "", "commands:"]
   for name, (_, text) in _COMMANDS.items():
-    lines.append(f"  {name:<10}{text}")
+    lines.append(f"  {name:<14}{text}")
   lines += ["", "Run `sft-jax COMMAND --help` for a command's options."]
   return "\n".join(lines)
 

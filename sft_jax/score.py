@@ -4,9 +4,15 @@ Each input line is one of
   {"prompt": str, "completion": str}        -> {"logprob": float, "num_tokens": int}
   {"prompt": str, "candidates": [str, ...]} -> {"logprobs": [float, ...],
                                                 "ranking": [int, ...]}  # best first
+  ... with "label": int or [int, ...]   -> also "rank": 1-based rank of the
+                                           best-ranked right candidate
 where logprob = sum over completion tokens of log p(token | everything before).
 Token ids are `tokenizer(prompt)` (the tokenizer's default special tokens)
 followed by `tokenizer(completion, add_special_tokens=False)`.
+
+Over the labelled lines, `ranking_metrics` gives top-1 and top-5 accuracy (a
+right candidate ranked first / within the first five) and the mean reciprocal
+rank (MRR, mean of 1 / rank); `sft-jax score` prints them.
 
 Sequences are packed several to a row (segment ids keep them apart) into rows of
 a bucketed static length, so one compiled forward pass serves the whole file.
@@ -14,6 +20,7 @@ a bucketed static length, so one compiled forward pass serves the whole file.
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 from typing import Iterator, NamedTuple, Sequence
@@ -34,6 +41,7 @@ class _Request(NamedTuple):
   prompt_ids: list     # token ids of the prompt (with special tokens)
   completions: list    # one list of token ids per completion / candidate
   is_ranking: bool
+  labels: tuple = ()   # indices of the right candidates (ranking lines)
 
 
 def read_requests(path: str, tokenizer) -> list:
@@ -62,6 +70,7 @@ def read_requests(path: str, tokenizer) -> list:
           or not all(isinstance(t, str) for t in texts)):
         raise ScoreInputError(
             f"{where}: 'candidates' must be a non-empty list of strings")
+    labels = _labels(record, where, len(texts)) if not has_completion else ()
     prompt_ids = list(tokenizer(prompt)["input_ids"])
     if not prompt_ids:
       raise ScoreInputError(
@@ -70,8 +79,32 @@ def read_requests(path: str, tokenizer) -> list:
     completions = [list(tokenizer(t, add_special_tokens=False)["input_ids"])
                    for t in texts]
     requests.append(_Request(where, prompt_ids, completions,
-                             not has_completion))
+                             not has_completion, labels))
   return requests
+
+
+def _labels(record, where, num_candidates) -> tuple:
+  """The `label` of a ranking line as a tuple of candidate indices."""
+  if "label" not in record:
+    return ()
+  label = record["label"]
+  labels = label if isinstance(label, list) else [label]
+  if (not labels or not all(isinstance(i, int) and not isinstance(i, bool)
+                            for i in labels)
+      or not all(0 <= i < num_candidates for i in labels)):
+    raise ScoreInputError(
+        f"{where}: 'label' must be a candidate index in [0, "
+        f"{num_candidates}) or a non-empty list of them, got {label!r}")
+  return tuple(labels)
+
+
+def ranking_metrics(records) -> dict:
+  """top1, top5, mrr over output records that have a "rank"; n = count."""
+  ranks = np.asarray([r["rank"] for r in records if "rank" in r], np.float64)
+  if not len(ranks):
+    return {"n": 0}
+  return {"top1": float(np.mean(ranks <= 1)), "top5": float(np.mean(ranks <= 5)),
+          "mrr": float(np.mean(1.0 / ranks)), "n": int(len(ranks))}
 
 
 class _Sequence(NamedTuple):
@@ -131,12 +164,13 @@ def _row_arrays(seqs, row, row_len):
   return tokens, targets, positions, segment_ids, owner
 
 
+@functools.lru_cache(maxsize=4)
 def _make_logprob_fn(model_cfg):
   model = models.Transformer(model_cfg)
 
   @jax.jit
-  def target_logprobs(params, tokens, targets, positions, segment_ids):
-    logits = model.apply({"params": params}, tokens, positions, segment_ids)
+  def target_logprobs(variables, tokens, targets, positions, segment_ids):
+    logits = model.apply(variables, tokens, positions, segment_ids)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
@@ -144,8 +178,13 @@ def _make_logprob_fn(model_cfg):
 
 
 def score_sequences(model_cfg, params, seqs: Sequence[_Sequence], *,
-                    batch_size: int = 8, row_len: int = 0) -> np.ndarray:
-  """Sum of completion-token log-probs for each sequence, float64 [len(seqs)]."""
+                    batch_size: int = 8, row_len: int = 0,
+                    lora: dict | None = None) -> np.ndarray:
+  """Sum of completion-token log-probs for each sequence, float64 [len(seqs)].
+
+  `lora`: the "lora" collection of a LoRA run (applied over `params`).
+  """
+  variables = {"params": params, **({"lora": lora} if lora else {})}
   if not seqs:
     return np.zeros(0)
   longest = max(len(s.ids) - 1 for s in seqs)
@@ -165,27 +204,32 @@ def score_sequences(model_cfg, params, seqs: Sequence[_Sequence], *,
       arrays.append((empty, empty, empty, empty, np.full(row_len, -1)))
     tokens, targets, positions, segment_ids, owner = (
         np.stack(a) for a in zip(*arrays))
-    logp = np.asarray(fn(params, tokens, targets, positions, segment_ids),
+    logp = np.asarray(fn(variables, tokens, targets, positions, segment_ids),
                       np.float64)
     valid = owner >= 0
     np.add.at(totals, owner[valid], logp[valid])
   return totals
 
 
-def score_requests(model_cfg, params, requests, *, batch_size=8) -> Iterator:
+def score_requests(model_cfg, params, requests, *, batch_size=8,
+                   lora=None) -> Iterator:
   """Yields one output record per request, in input order."""
   seqs = []
   for r_idx, req in enumerate(requests):
     for c_idx, completion in enumerate(req.completions):
       seqs.append(_Sequence(req.prompt_ids + completion, len(req.prompt_ids),
                             (r_idx, c_idx)))
-  totals = score_sequences(model_cfg, params, seqs, batch_size=batch_size)
+  totals = score_sequences(model_cfg, params, seqs, batch_size=batch_size,
+                           lora=lora)
   by_key = {s.key: float(t) for s, t in zip(seqs, totals)}
   for r_idx, req in enumerate(requests):
     logprobs = [by_key[(r_idx, c)] for c in range(len(req.completions))]
     if req.is_ranking:
       ranking = sorted(range(len(logprobs)), key=lambda c: -logprobs[c])
-      yield {"logprobs": logprobs, "ranking": ranking}
+      out = {"logprobs": logprobs, "ranking": ranking}
+      if req.labels:
+        out["rank"] = 1 + min(ranking.index(i) for i in req.labels)
+      yield out
     else:
       yield {"logprob": logprobs[0], "num_tokens": len(req.completions[0])}
 
@@ -197,7 +241,9 @@ def _parse_args(argv):
           "Score completions with a causal LM. Each input line is "
           '{"prompt": str, "completion": str} -> {"logprob", "num_tokens"}, or '
           '{"prompt": str, "candidates": [str, ...]} -> {"logprobs", '
-          '"ranking"} (candidate indices, best first). logprob is the sum of '
+          '"ranking"} (candidate indices, best first); with "label" (index of '
+          'the right candidate, or a list) also "rank", and top-1 / top-5 '
+          "accuracy and MRR over the file are printed. logprob is the sum of "
           "log p(completion token | all before); the prompt is tokenized with "
           "the tokenizer's default special tokens, the completion without."))
   p.add_argument("--model", required=True,
@@ -209,6 +255,9 @@ def _parse_args(argv):
                  help="compute and parameter dtype (default: float32)")
   p.add_argument("--batch-size", type=int, default=8,
                  help="packed rows per forward pass (default: 8)")
+  p.add_argument("--metrics", default="",
+                 help="also write the ranking metrics (top1, top5, mrr, n) "
+                      "as JSON to this file")
   return p.parse_args(argv)
 
 
@@ -224,9 +273,18 @@ def main(argv=None) -> int:
     return 2
   model_cfg, params = models.load_hf(args.model, dtype=args.dtype)
   model_cfg = dataclasses.replace(model_cfg, dtype=args.dtype)
+  records = []
   with open(args.out, "w", encoding="utf-8") as f:
     for record in score_requests(model_cfg, params, requests,
                                  batch_size=args.batch_size):
       f.write(json.dumps(record) + "\n")
+      records.append(record)
   print(f"scored {len(requests)} lines -> {args.out}")
+  metrics = ranking_metrics(records)
+  if metrics["n"]:
+    print("ranking over {n} labelled lines: top1 {top1:.4f}  top5 {top5:.4f}"
+          "  mrr {mrr:.4f}".format(**metrics))
+  if args.metrics:
+    with open(args.metrics, "w", encoding="utf-8") as f:
+      json.dump(metrics, f)
   return 0

@@ -75,6 +75,36 @@ def test_candidates_are_ranked_by_logprob(tmp_path, model_dir):
   assert got["ranking"] == list(np.argsort(-np.asarray(want)))
 
 
+def test_ranking_metrics_from_labels(tmp_path, model_dir):
+  candidates = [" It is four.", " The quick brown fox.", " four", " Hello",
+                " one two", " six", " lazy dog"]
+  hf_model = tiny_hf.load_hf(model_dir)
+  tok = tiny_tok.make_tokenizer()
+  lines, want_ranks = [], []
+  for i, (prompt, _) in enumerate(PROMPTS):
+    ref = [_reference_logprob(hf_model, tok, prompt, c)[0] for c in candidates]
+    order = list(np.argsort(-np.asarray(ref), kind="stable"))
+    # Right answers at different ranks: 1st, 2nd, 6th, and a pair (3rd, 7th).
+    label = [[order[0]], [order[1]], [order[5]], [order[2], order[6]],
+             [order[6]]][i]
+    want_ranks.append(min(order.index(j) for j in label) + 1)
+    label = [int(j) for j in label]
+    lines.append(json.dumps({"prompt": prompt, "candidates": candidates,
+                             "label": label if len(label) > 1 else label[0]}))
+  lines.append(json.dumps({"prompt": "x", "completion": " y"}))  # unlabelled
+  rc, out = _run(tmp_path, model_dir, lines, "--metrics",
+                 str(tmp_path / "m.json"))
+  assert rc == 0
+  got = [json.loads(l) for l in out.read_text().splitlines()]
+  assert [g["rank"] for g in got[:5]] == want_ranks == [1, 2, 6, 3, 7]
+  metrics = json.loads((tmp_path / "m.json").read_text())
+  ranks = np.asarray(want_ranks, float)
+  assert metrics["n"] == 5
+  np.testing.assert_allclose(metrics["top1"], np.mean(ranks <= 1))
+  np.testing.assert_allclose(metrics["top5"], np.mean(ranks <= 5))
+  np.testing.assert_allclose(metrics["mrr"], np.mean(1 / ranks))
+
+
 def test_bfloat16_is_close_to_float32(tmp_path, model_dir):
   lines = [json.dumps({"prompt": p, "completion": c}) for p, c in PROMPTS]
   _, out32 = _run(tmp_path, model_dir, lines)
@@ -92,6 +122,10 @@ def test_bfloat16_is_close_to_float32(tmp_path, model_dir):
     ('{"prompt": "hi"}', "expected exactly one of 'completion' or 'candidates'"),
     ('{"prompt": "hi", "candidates": []}', "non-empty list of strings"),
     ('{"prompt": "hi", "completion": 3}', "'completion' must be a string"),
+    ('{"prompt": "hi", "candidates": ["a", "b"], "label": 2}',
+     "'label' must be a candidate index in [0, 2)"),
+    ('{"prompt": "hi", "candidates": ["a", "b"], "label": []}',
+     "'label' must be a candidate index"),
 ])
 def test_bad_line_names_file_and_line(tmp_path, model_dir, capsys, bad_line,
                                       message):
@@ -102,3 +136,32 @@ def test_bad_line_names_file_and_line(tmp_path, model_dir, capsys, bad_line,
   assert "in.jsonl:3: " in err and message in err
   assert "Traceback" not in err
   assert not out.exists()
+
+
+def test_training_eval_ranking_equals_score(tmp_path, model_dir):
+  import jax  # pylint: disable=g-import-not-at-top
+  from sft_jax.data import load_tokenizer  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import evaluate  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import model_setup  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  candidates = [" It is four.", " The quick brown fox.", " four", " Hello",
+                " one two", " six"]
+  lines = [json.dumps({"prompt": p, "candidates": candidates, "label": i})
+           for i, (p, _) in enumerate(PROMPTS)]
+  rc, _ = _run(tmp_path, model_dir, lines, "--metrics",
+               str(tmp_path / "m.json"))
+  assert rc == 0
+  want = json.loads((tmp_path / "m.json").read_text())
+  cfg = config_lib.get_config_from_file(f"configs/tiny.py:model={model_dir}")
+  cfg.eval.ranking.rank = str(tmp_path / "in.jsonl")
+  cfg.lock()
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
+  state, _ = step_lib.init_train_state(cfg, model_cfg, variables, mesh)
+  sets = evaluate.load_ranking_sets(cfg, load_tokenizer(str(model_dir)))
+  got = evaluate.ranking_eval(model_cfg, state, sets, batch_size=4)
+  for key in ("top1", "top5", "mrr"):
+    np.testing.assert_allclose(got[f"eval/rank/{key}"], want[key], rtol=1e-12)
+  assert 0 < want["mrr"] < 1

@@ -22,6 +22,7 @@ import numpy as np
 from sft_jax.data import cache
 from sft_jax.data import config as config_lib
 from sft_jax.data import render
+from sft_jax.data import teacher_cache as teacher_cache_lib
 from sft_jax.data.errors import DataError, DropLog
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions",
@@ -167,32 +168,36 @@ def _pad_row(seq_len):
 
 
 def _rename_packed(row):
-  return {"tokens": row["tokens"], "targets": row["targets"],
-          "loss_mask": row["loss_mask"],
-          "segment_ids": row["tokens_segment_ids"].astype(np.int32),
-          "positions": row["tokens_positions"].astype(np.int32),
-          "source_id": row["source_id"]}
+  out = {"tokens": row["tokens"], "targets": row["targets"],
+         "loss_mask": row["loss_mask"],
+         "segment_ids": row["tokens_segment_ids"].astype(np.int32),
+         "positions": row["tokens_positions"].astype(np.int32),
+         "source_id": row["source_id"]}
+  if "teacher_index" in row:  # offline distillation (teacher_cache.py)
+    out["teacher_index"] = row["teacher_index"]
+  return out
 
 
-def pack(ds: grain.IterDataset, data_cfg, seq_len, seed, *, shuffle_bins):
+def pack(ds: grain.IterDataset, data_cfg, seq_len, seed, *, shuffle_bins,
+         extra_features=()):
   """Packs shifted examples into rows of exactly seq_len tokens."""
   if data_cfg.packing == "pad":
     return ds.map(_pad_row(seq_len))
+  per_token = ("targets", "loss_mask", "source_id") + tuple(extra_features)
   packer = {"first_fit": grain.experimental.FirstFitPackIterDataset,
             "best_fit": grain.experimental.BestFitPackIterDataset}[
                 data_cfg.packing]
-  ds = packer(ds, length_struct={k: seq_len for k in (
-      "tokens", "targets", "loss_mask", "source_id")},
+  ds = packer(ds, length_struct={k: seq_len for k in ("tokens",) + per_token},
               num_packing_bins=data_cfg.packing_bins, seed=seed,
-              shuffle_bins=shuffle_bins,
-              meta_features=("targets", "loss_mask", "source_id"),
+              shuffle_bins=shuffle_bins, meta_features=per_token,
               max_sequences_per_bin=data_cfg.max_segments_per_row or None)
   return ds.map(_rename_packed)
 
 
 def make_train_pipeline(data_cfg, tok, *, seq_len: int, batch_size: int,
                         process_index: int = 0, process_count: int = 1,
-                        seed: int = 0) -> grain.IterDataset:
+                        seed: int = 0, teacher_cache: str = ""
+                        ) -> grain.IterDataset:
   """The infinite training stream of this process's batches.
 
   Args:
@@ -203,6 +208,9 @@ def make_train_pipeline(data_cfg, tok, *, seq_len: int, batch_size: int,
       process_count rows per batch.
     process_index, process_count: this host's place among the data readers.
     seed: shuffling and packing seed.
+    teacher_cache: an offline teacher directory (`sft-jax distill-cache`):
+      batches then also hold teacher_ids (int32) and teacher_logp (float32)
+      [B_local, T, K], the teacher's top-k at each position.
 
   Returns:
     A grain IterDataset; `iter()` of it gives an iterator with get_state /
@@ -213,6 +221,8 @@ def make_train_pipeline(data_cfg, tok, *, seq_len: int, batch_size: int,
     raise DataError(f"batch_size {batch_size} is not divisible by "
                     f"process_count {process_count}")
   names, prepared = _prepare_all(data_cfg, tok, seq_len, "sources")
+  teacher = (teacher_cache_lib.TeacherCache(teacher_cache, names, prepared,
+                                            seq_len) if teacher_cache else None)
   streams, weights = [], []
   for sid, (name, p) in enumerate(zip(names, prepared)):
     weight = float(data_cfg.sources[name].weight)
@@ -227,8 +237,9 @@ def make_train_pipeline(data_cfg, tok, *, seq_len: int, batch_size: int,
       # shuffle by epoch when indexing past the end).
       ds = ds.shuffle(seed=(seed * 1_000_003 + sid) % 2**32)
     ds = ds.repeat(None)[process_index::process_count]
-    ds = ds.map(example_loader(p, sid, seq_len, data_cfg.too_long,
-                                tok.bos_token_id))
+    load = example_loader(p, sid, seq_len, data_cfg.too_long,
+                          tok.bos_token_id)
+    ds = ds.map(teacher.add_index(load, sid) if teacher else load)
     streams.append(ds)
     weights.append(weight)
   if not streams:
@@ -237,8 +248,11 @@ def make_train_pipeline(data_cfg, tok, *, seq_len: int, batch_size: int,
   ds = mixed.to_iter_dataset(grain.ReadOptions(
       num_threads=data_cfg.read_threads,
       prefetch_buffer_size=4 * data_cfg.read_threads))
-  ds = pack(ds, data_cfg, seq_len, seed, shuffle_bins=True)
+  ds = pack(ds, data_cfg, seq_len, seed, shuffle_bins=True,
+            extra_features=("teacher_index",) if teacher else ())
   ds = ds.batch(batch_size // process_count, drop_remainder=True)
+  if teacher:
+    ds = ds.map(teacher.gather)
   if data_cfg.prefetch_batches:
     # Packing runs in Python; a thread overlaps it with the device's step.
     ds = grain.experimental.ThreadPrefetchIterDataset(

@@ -70,8 +70,10 @@ def main(argv=None) -> int:
                          args.process_id)
 
   from sft_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import distill  # pylint: disable=g-import-not-at-top
   try:
     cfg = config_lib.load_config(args.config, overrides)
+    distill.check_config(cfg)
   except config_lib.ConfigError as e:
     print(f"sft-jax train: {e}", file=sys.stderr)
     return 2

@@ -10,7 +10,9 @@ full; its sums over every supervised token give
 
 and `eval/loss`, `eval/perplexity`, `eval/accuracy` pool every set (token
 weighted). With `eval.generate` the generation metrics of
-`sft_jax.infer.evaluate.generation_metrics` are added as `eval/gen/<name>`.
+`sft_jax.infer.evaluate.generation_metrics` are added as `eval/gen/<name>`;
+each `eval.ranking` set adds `eval/<name>/top1`, `top5` and `mrr` (its
+candidates ranked by log-probability, as `sft-jax score` does).
 """
 
 import math
@@ -67,6 +69,37 @@ def _summarise(prefix: str, sums: Mapping[str, float]) -> dict[str, float]:
           f"{prefix}/perplexity": math.exp(min(loss, 700.0)),
           f"{prefix}/accuracy": sums["correct_sum"] / sums["count"],
           f"{prefix}/tokens": sums["count"]}
+
+
+def load_ranking_sets(cfg: config_dict.ConfigDict, tokenizer) -> dict:
+  """{name: tokenized requests} of `eval.ranking`; ValueError names file:line."""
+  from sft_jax import score  # pylint: disable=g-import-not-at-top
+  sets = {}
+  for name, path in cfg.eval.ranking.items():
+    requests = score.read_requests(path, tokenizer)
+    unlabelled = [r.where for r in requests if not r.labels]
+    if unlabelled:
+      raise score.ScoreInputError(
+          f"{unlabelled[0]}: eval.ranking.{name}: a ranking line needs "
+          "'candidates' and 'label'")
+    sets[name] = requests
+  return sets
+
+
+def ranking_eval(model_cfg, state: Any, ranking_sets: Mapping[str, list],
+                 batch_size: int) -> dict[str, float]:
+  """eval/<name>/top1, top5, mrr: candidates ranked by log-probability."""
+  from sft_jax import score  # pylint: disable=g-import-not-at-top
+  variables = step_lib.variables_of(state)
+  metrics = {}
+  for name, requests in ranking_sets.items():
+    records = list(score.score_requests(
+        model_cfg, variables["params"], requests, batch_size=batch_size,
+        lora=variables.get("lora")))
+    m = score.ranking_metrics(records)
+    for key in ("top1", "top5", "mrr"):
+      metrics[f"eval/{name}/{key}"] = m[key]
+  return metrics
 
 
 def generation_eval(cfg: config_dict.ConfigDict, model_cfg, state: Any,

@@ -32,6 +32,7 @@ from sft_jax import data
 from sft_jax import models
 from sft_jax.train import checkpoint as checkpoint_lib
 from sft_jax.train import config as config_lib
+from sft_jax.train import distill
 from sft_jax.train import evaluate
 from sft_jax.train import flops
 from sft_jax.train import metrics_writer
@@ -179,6 +180,8 @@ class _HostMetrics:
         "param_norm", "lr", "num_supervised_tokens", "num_tokens", "skipped")}
     if self._cfg.train.z_loss:
       s["train/z_loss"] = float(m["z_loss"])
+    if "distill_loss" in m:
+      s["train/distill_loss"] = float(m["distill_loss"])
     s["train/packing_efficiency"] = float(m["num_tokens"]) / self._row_tokens
     for sid, name in enumerate(self._sources):
       if m["source_count"][sid] > 0:
@@ -264,6 +267,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
 
   mesh = sharding.make_mesh(cfg.mesh)
   model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
+  if distill.enabled(cfg) and not distill.is_offline(cfg):
+    variables["teacher"] = distill.load_teacher(cfg, mesh)
   state, state_shardings = step_lib.init_train_state(cfg, model_cfg, variables,
                                                      mesh)
   del variables
@@ -275,7 +280,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
   pipeline = data.make_train_pipeline(
       cfg.data, tok, seq_len=cfg.train.seq_len,
       batch_size=cfg.train.batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count(), seed=cfg.seed)
+      process_count=jax.process_count(), seed=cfg.seed,
+      teacher_cache=cfg.distill.cache)
   batches = iter(pipeline)
   early = None
   if cfg.eval.early_stop_metric:
@@ -310,8 +316,10 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
     writer.write_scalars(0, {f"params/{k}": v for k, v in report.items()})
 
   train_step = step_lib.jit_train_step(cfg, model_cfg, mesh, state_shardings)
+  ranking_sets = (evaluate.load_ranking_sets(cfg, tok)
+                  if cfg.eval.every_steps > 0 else {})
   eval_step = (step_lib.jit_eval_step(cfg, model_cfg, mesh, state_shardings)
-               if eval_sets or cfg.eval.generate else None)
+               if eval_sets or cfg.eval.generate or ranking_sets else None)
   host = _HostMetrics(cfg, model_cfg, report, data.source_names(cfg.data),
                       mesh, writer, bar)
   preemption = _Preemption()
@@ -351,6 +359,9 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
       eval_metrics = None
       if do_eval:
         eval_metrics = evaluate.eval_losses(eval_step, state, eval_sets, mesh)
+        if ranking_sets:
+          eval_metrics.update(evaluate.ranking_eval(
+              model_cfg, state, ranking_sets, cfg.eval.batch_size))
         if cfg.eval.generate:
           eval_metrics.update(evaluate.generation_eval(
               cfg, model_cfg, state, tok, step=step,

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_dict
 
 from sft_jax import models
+from sft_jax.train import distill
 from sft_jax.train import freeze
 from sft_jax.train import loss as loss_lib
 from sft_jax.train import model_setup
@@ -54,7 +55,9 @@ class TrainState:
 def variables_of(state: TrainState) -> dict:
   """The model variables {"params": ..., ["lora": ...]} of a state, with
   every stacked leaf whole ([L, ...]; see freeze.py)."""
-  return freeze.join_layers(partition.merge(state.trainable, state.frozen))
+  variables = partition.merge(state.trainable, state.frozen)
+  variables.pop("teacher", None)  # A distillation teacher's own weights.
+  return freeze.join_layers(variables)
 
 
 def training_model_config(state_or_frozen, model_cfg: "models.ModelConfig"
@@ -164,6 +167,8 @@ def init_train_state(cfg: config_dict.ConfigDict,
   """
   del model_cfg
   trainable, frozen = split_trainable(cfg, variables)
+  if "teacher" in variables:  # Distillation teacher: frozen whatever method.
+    frozen["teacher"] = variables["teacher"]
   tx = make_optimizer(cfg)
   param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
   opt_shapes = jax.eval_shape(tx.init, trainable)
@@ -220,17 +225,26 @@ def _source_id(batch):
 
 
 def _train_loss(model_cfg, variables, batch, denom, chunk, num_sources,
-                z_loss):
+                z_loss, cfg=None, objective=None):
   """(loss of this micro-batch / denom, un-normalised sums for metrics)."""
+  variables = dict(variables)
+  teacher_params = variables.pop("teacher", None)
   hidden_BxTxD, w_DxV, logits_fn = _hidden_and_head(model_cfg, variables,
                                                     batch)
   nll_weight_BxT = batch["loss_mask"].astype(jnp.float32) / denom
-  loss, per_token = loss_lib.weighted_ce(
-      hidden_BxTxD, w_DxV, batch["targets"], nll_weight_BxT,
-      z_loss * nll_weight_BxT, logits_fn, chunk)
+  if objective is None:
+    loss, per_token = loss_lib.weighted_ce(
+        hidden_BxTxD, w_DxV, batch["targets"], nll_weight_BxT,
+        z_loss * nll_weight_BxT, logits_fn, chunk)
+  else:
+    loss, per_token = distill.micro_loss(
+        cfg, objective, (hidden_BxTxD, w_DxV, logits_fn), teacher_params,
+        batch, nll_weight_BxT, z_loss * nll_weight_BxT, chunk)
   sums = loss_lib.masked_sums(jax.lax.stop_gradient(per_token),
                               batch["loss_mask"], _source_id(batch),
                               num_sources, z_loss)
+  if objective is not None:
+    sums["div_sum"] = distill.div_sum(per_token, batch["loss_mask"])
   return loss, sums
 
 
@@ -276,8 +290,11 @@ def make_train_step(cfg: config_dict.ConfigDict,
   sharding constraints to the micro-batches.
 
   metrics (all on device, float32 unless noted):
-    loss             cross-entropy + z-loss, per supervised token
+    loss             cross-entropy + z-loss, per supervised token (with
+                     distillation: alpha ce + (1 - alpha) tau^2 distill + z)
     ce_loss          cross-entropy per supervised token
+    distill_loss     with distillation: divergence to the teacher at tau,
+                     per supervised token
     z_loss           z-loss per supervised token
     token_accuracy   argmax == target over supervised tokens
     num_supervised_tokens, num_tokens (non-padding)
@@ -292,6 +309,7 @@ def make_train_step(cfg: config_dict.ConfigDict,
   k, chunk = cfg.train.grad_accum, cfg.train.ce_chunk
   num_sources, z_loss = _num_sources(cfg), cfg.train.z_loss
   skip_nonfinite = cfg.train.on_nonfinite == "skip"
+  objective = distill.objective(cfg)
   if cfg.train.on_nonfinite not in ("stop", "skip"):
     raise ValueError(f"config train.on_nonfinite: unknown "
                      f"{cfg.train.on_nonfinite!r} (stop | skip)")
@@ -299,7 +317,7 @@ def make_train_step(cfg: config_dict.ConfigDict,
   def micro_loss(trainable, frozen, mb, denom):
     variables = partition.merge(trainable, frozen)
     return _train_loss(training_model_config(frozen, model_cfg), variables,
-                       mb, denom, chunk, num_sources, z_loss)
+                       mb, denom, chunk, num_sources, z_loss, cfg, objective)
 
   grad_fn = jax.grad(micro_loss, has_aux=True)
 
@@ -325,7 +343,7 @@ def make_train_step(cfg: config_dict.ConfigDict,
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
 
-    loss = (sums["nll_sum"] + sums["z_sum"]) / denom
+    loss = distill.total_loss_sum(objective, sums) / denom
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     new_state = state.replace(step=state.step + 1, trainable=trainable,
                               opt_state=opt_state)
@@ -351,6 +369,8 @@ def make_train_step(cfg: config_dict.ConfigDict,
         "finite": finite.astype(jnp.float32),
         "skipped": ((~finite) & skip_nonfinite).astype(jnp.float32),
     }
+    if objective is not None:
+      metrics["distill_loss"] = sums["div_sum"] / denom
     return new_state, metrics
 
   return train_step
