@@ -72,6 +72,7 @@ def get_config(arg=None):
   c.eval = config_dict.ConfigDict()
   c.eval.every_steps = 0  # Evaluate on data.eval_sources every N steps and at the end (0 = never).
   c.eval.batch_size = 8  # Global rows per eval batch.
+  c.eval.on_start = False  # Also evaluate before the first update (step 0: "before" point).
   c.eval.early_stop_metric = ""  # Stop when this eval metric stalls, e.g. "eval/loss" ("" = never).
   c.eval.early_stop_mode = "min"  # "min" | "max": which way early_stop_metric improves.
   c.eval.early_stop_patience = 3  # Evaluations without improvement before stopping.

@@ -297,7 +297,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
   writer = metrics_writer.MetricsWriter(workdir, enabled=is_main,
                                         resume_step=start)
   eval_sets = {}
-  if cfg.eval.every_steps > 0:
+  if cfg.eval.every_steps > 0 or cfg.eval.on_start:
     eval_sets = data.make_eval_batches(
         cfg.data, tok, seq_len=cfg.train.seq_len,
         batch_size=cfg.eval.batch_size, process_index=jax.process_index(),
@@ -328,6 +328,22 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
 
   reason, exit_code, step = "finished", EXIT_OK, start
   pending = None  # (step, device metrics) not yet fetched.
+
+  def run_eval(step):
+    eval_metrics = evaluate.eval_losses(eval_step, state, eval_sets, mesh)
+    if cfg.eval.generate:
+      eval_metrics.update(evaluate.generation_eval(
+          cfg, model_cfg, state, tok, step=step,
+          out_dir=os.path.join(workdir, "eval") if is_main else None))
+    writer.write_scalars(step, eval_metrics)
+    bar.write(f"step {step}: " + "  ".join(
+        f"{k} {v:.4f}" for k, v in eval_metrics.items()
+        if not k.endswith("/tokens")))
+    return eval_metrics
+
+  if start == 0 and cfg.eval.on_start and eval_step is not None:
+    # The "before" point of every eval curve: the model as loaded.
+    host.last.update(run_eval(0))
   try:
     for step in range(start + 1, cfg.train.steps + 1):
       batch = sharding.global_batch(next(batches), mesh)
@@ -348,15 +364,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
       pending = None
       eval_metrics = None
       if do_eval:
-        eval_metrics = evaluate.eval_losses(eval_step, state, eval_sets, mesh)
-        if cfg.eval.generate:
-          eval_metrics.update(evaluate.generation_eval(
-              cfg, model_cfg, state, tok, step=step,
-              out_dir=os.path.join(workdir, "eval") if is_main else None))
-        writer.write_scalars(step, eval_metrics)
-        bar.write(f"step {step}: " + "  ".join(
-            f"{k} {v:.4f}" for k, v in eval_metrics.items()
-            if not k.endswith("/tokens")))
+        eval_metrics = run_eval(step)
         host.last.update(eval_metrics)
         if early is not None and early.update(eval_metrics):
           reason = "early_stopped"
@@ -378,7 +386,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
     ckpt.close()
     writer.close()
 
-  if reason != "nonfinite" and host.last:
+  if reason != "nonfinite" and "train/loss" in host.last:
     bar.write(f"{reason.replace('_', ' ').capitalize()} at step {step}: "
               f"train/loss {host.last['train/loss']:.4f}; run directory "
               f"{workdir}")
