@@ -52,6 +52,7 @@ def get_config(arg=None):
 
   c.train = config_dict.ConfigDict()
   c.train.steps = 1000  # Optimizer steps (also the schedule's length).
+  c.train.epochs = 0.0  # >0: passes over the mixture; sets train.steps from its packed size.
   c.train.batch_size = 8  # Global sequences (packed rows) per optimizer step.
   c.train.seq_len = 2048  # Tokens per packed row.
   c.train.grad_accum = 1  # Micro-batches per step; batch_size % grad_accum == 0.

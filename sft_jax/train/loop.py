@@ -31,6 +31,7 @@ from ml_collections import config_dict
 from sft_jax import data
 from sft_jax.train import checkpoint as checkpoint_lib
 from sft_jax.train import config as config_lib
+from sft_jax.train import epochs as epochs_lib
 from sft_jax.train import evaluate
 from sft_jax.train import flops
 from sft_jax.train import metrics_writer
@@ -154,7 +155,7 @@ class _HostMetrics:
     self.last: dict = {}
     self.skipped = 0
 
-  def finish(self, step: int, metrics: Any) -> dict:
+  def finish(self, step: int, metrics: Any, extra: dict | None = None) -> dict:
     """Fetches `metrics` of `step`, checks them, logs them; returns scalars.
 
     Raises NonFiniteError when the step is not finite and the config says to
@@ -179,6 +180,7 @@ class _HostMetrics:
     if self._cfg.train.z_loss:
       s["train/z_loss"] = float(m["z_loss"])
     s["train/packing_efficiency"] = float(m["num_tokens"]) / self._row_tokens
+    s.update(extra or {})
     for sid, name in enumerate(self._sources):
       if m["source_count"][sid] > 0:
         s[f"train/loss/{name}"] = float(
@@ -241,6 +243,15 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
       best_mode=cfg.checkpoint.best_mode,
       async_save=cfg.checkpoint.async_save)
   resume_step = ckpt.latest_step()
+  if cfg.train.epochs > 0:
+    tok = _load_tokenizer(cfg, workdir, resume_step is not None)
+    plan = epochs_lib.plan(cfg, tok)
+    cfg.train.steps = plan.steps
+    if is_main:
+      print(f"train.epochs={cfg.train.epochs:g}: {sum(plan.sizes.values()):,} "
+            f"examples in {len(plan.sizes)} sources, "
+            f"{plan.examples_per_row:.2f} examples per packed row -> "
+            f"train.steps={plan.steps}", flush=True)
   if resume_step is not None and resume_step >= cfg.train.steps:
     print(f"{workdir}: already trained to step {resume_step} >= "
           f"train.steps={cfg.train.steps}; nothing to do.", flush=True)
@@ -275,6 +286,10 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
       batch_size=cfg.train.batch_size, process_index=jax.process_index(),
       process_count=jax.process_count(), seed=cfg.seed)
   batches = iter(pipeline)
+  seen = epochs_lib.Seen(
+      data.source_names(cfg.data),
+      epochs_lib.source_sizes(cfg.data, tok, cfg.train.seq_len),
+      jax.process_count())
   early = None
   if cfg.eval.early_stop_metric:
     early = evaluate.EarlyStopping(
@@ -290,6 +305,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
     restored, host_state = ckpt.restore(resume_step, target)
     state = state.replace(**restored)
     batches.set_state(host_state["iterator"])
+    seen.load_state_dict(host_state.get("examples_seen"))
     if early is not None and host_state.get("early_stopping"):
       early.load_state_dict(host_state["early_stopping"])
   start = int(jax.device_get(state.step))
@@ -320,7 +336,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
     if saved_step == step:
       return
     host_state = {"iterator": batches.get_state(),
-                  "early_stopping": early.state_dict() if early else None}
+                  "early_stopping": early.state_dict() if early else None,
+                  "examples_seen": seen.state_dict()}
     ckpt.save(step, checkpointed_part(state), data_state=host_state,
               config=config_lib.config_to_dict(cfg),
               tokenizer_files=tokenizer_files, metrics=eval_metrics)
@@ -346,11 +363,13 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
     host.last.update(run_eval(0))
   try:
     for step in range(start + 1, cfg.train.steps + 1):
-      batch = sharding.global_batch(next(batches), mesh)
+      local_batch = next(batches)
+      seen.add(local_batch)
+      batch = sharding.global_batch(local_batch, mesh)
       state, metrics = train_step(state, batch)
       if pending is not None:
         host.finish(*pending)
-      pending = (step, metrics)
+      pending = (step, metrics, seen.scalars())
 
       every = lambda n: n > 0 and step % n == 0
       last = step == cfg.train.steps
