@@ -33,6 +33,7 @@ def get_config(arg=None):
   c.method.lora.rank = 8  # LoRA rank r.
   c.method.lora.alpha = 16.0  # LoRA scale numerator: scale = alpha / r (or / sqrt(r)).
   c.method.lora.rslora = False  # rsLoRA scaling alpha / sqrt(r).
+  c.method.lora.dropout = 0.0  # PEFT lora_dropout: on the adapter input, training only.
   c.method.lora.targets = (  # Regex of module names that get adapters.
       r"q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj")
   c.method.lora.init_adapter = ""  # PEFT adapter dir to start from ("" = fresh, B = 0).

@@ -278,8 +278,10 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
                                                      mesh)
   del variables
   report = step_lib.param_report(cfg, model_cfg, state)
-  bar.write("params: {trainable_params:,} trainable of {total_params:,}; "
-            "optimizer state {opt_state_bytes:,} bytes".format(**report))
+  bar.write("params: {trainable_params:,} trainable of {total_params:,} "
+            "({share:.2f}%); optimizer state {opt_state_bytes:,} bytes".format(
+                share=100 * report["trainable_params"] /
+                max(1, report["total_params"]), **report))
 
   pipeline = data.make_train_pipeline(
       cfg.data, tok, seq_len=cfg.train.seq_len,
