@@ -34,6 +34,7 @@ def get_config(arg=None):
   c.method.lora.rank = 8  # LoRA rank r.
   c.method.lora.alpha = 16.0  # LoRA scale numerator: scale = alpha / r (or / sqrt(r)).
   c.method.lora.rslora = False  # rsLoRA scaling alpha / sqrt(r).
+  c.method.lora.dropout = 0.0  # PEFT lora_dropout: on the adapter input, training only.
   c.method.lora.targets = (  # Regex of module names that get adapters.
       r"q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj")
   c.method.lora.init_adapter = ""  # PEFT adapter dir to start from ("" = fresh, B = 0).
@@ -57,6 +58,7 @@ def get_config(arg=None):
 
   c.train = config_dict.ConfigDict()
   c.train.steps = 1000  # Optimizer steps (also the schedule's length).
+  c.train.epochs = 0.0  # >0: passes over the mixture; sets train.steps from its packed size.
   c.train.batch_size = 8  # Global sequences (packed rows) per optimizer step.
   c.train.seq_len = 2048  # Tokens per packed row.
   c.train.grad_accum = 1  # Micro-batches per step; batch_size % grad_accum == 0.
@@ -88,6 +90,7 @@ def get_config(arg=None):
   c.eval = config_dict.ConfigDict()
   c.eval.every_steps = 0  # Evaluate on data.eval_sources every N steps and at the end (0 = never).
   c.eval.batch_size = 8  # Global rows per eval batch.
+  c.eval.on_start = False  # Also evaluate before the first update (step 0: "before" point).
   c.eval.early_stop_metric = ""  # Stop when this eval metric stalls, e.g. "eval/loss" ("" = never).
   c.eval.early_stop_mode = "min"  # "min" | "max": which way early_stop_metric improves.
   c.eval.early_stop_patience = 3  # Evaluations without improvement before stopping.

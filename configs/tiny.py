@@ -1,9 +1,16 @@
 """Tiny CPU config: a 2-layer Llama-shaped model, trains in seconds.
 
+Runs as shipped: `sft-jax train --config configs/tiny.py --workdir runs/tiny`
+trains a random tiny Llama on the sample data in configs/tiny_data/ (chat,
+alpaca and prompt/completion records, and a 320-token tokenizer; made by
+scripts/make_tiny_data.py), with nothing downloaded.
+
 Used by the tests and the README. Knobs (`configs/tiny.py:KNOB=VALUE,...`):
   model=DIR      a HF checkpoint dir to fine-tune ("" = random tiny Llama)
-  data=FILE      training records (JSONL/Parquet/...; any data format)
-  tokenizer=DIR  tokenizer ("" = the model's)
+  data=FILE      training records (JSONL/Parquet/...; any data format;
+                 "" = the three sample files in configs/tiny_data/)
+  tokenizer=DIR  tokenizer ("" = the model's, or configs/tiny_data/tokenizer
+                 for the random model)
   method=NAME    full | freeze | lora (freeze trains the top layer only)
   steps=N        optimizer steps
 """
@@ -14,6 +21,7 @@ import pathlib
 from sft_jax.data import config as data_config
 from sft_jax.train import config as config_lib
 
+TINY_DATA = pathlib.Path(__file__).resolve().with_name("tiny_data")
 # A Llama with GQA 4:2, sized for the tiny test tokenizer (300 tokens).
 TINY_LLAMA = dict(model_type="llama", vocab_size=320, hidden_size=64,
                   intermediate_size=128, num_hidden_layers=2,
@@ -49,6 +57,15 @@ def get_config(arg=None):
   c.train.ce_chunk = 32
 
   c.data.tokenizer = knobs.tokenizer
-  c.data.sources.train = data_config.source_config(path=knobs.data)
+  if not knobs.tokenizer and not knobs.model:
+    c.data.tokenizer = str(TINY_DATA / "tokenizer")
+  if knobs.data:
+    c.data.sources.train = data_config.source_config(path=knobs.data)
+  else:
+    for name in ("chat", "alpaca", "prompt_completion"):
+      c.data.sources[name] = data_config.source_config(
+          path=str(TINY_DATA / f"{name}.jsonl"))
+    c.data.eval_sources.heldout = data_config.source_config(
+        path=str(TINY_DATA / "eval.jsonl"))
   c.data.packing_bins = 8
   return c

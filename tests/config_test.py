@@ -18,12 +18,12 @@ def test_overrides_parse_by_declared_type():
   cfg = config_lib.load_config("configs/tiny.py", [
       "--config.optim.lr=1e-3", "--config.train.steps", "7",
       "--config.model.scan_layers=false", "--config.method.name=lora",
-      "--config.data.sources.train.weight=0.5", "--config.optim.b1=1"])
+      "--config.data.sources.chat.weight=0.5", "--config.optim.b1=1"])
   assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
   assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
   assert cfg.model.scan_layers is False
   assert cfg.method.name == "lora"
-  assert cfg.data.sources.train.weight == 0.5
+  assert cfg.data.sources.chat.weight == 0.5
   assert cfg.optim.b1 == 1.0 and isinstance(cfg.optim.b1, float)
 
 
@@ -153,3 +153,21 @@ def test_llama_1b_flops_per_token_matches_hand_count():
   assert flops.peak_flops("NVIDIA H200") == 989e12
   assert flops.peak_flops("TPU v5 lite") == 197e12
   assert flops.peak_flops("cpu") is None
+
+
+def test_tiny_config_runs_as_shipped_on_its_sample_data():
+  """configs/tiny.py needs nothing but the repository: data and tokenizer."""
+  from sft_jax import data  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.load_config("configs/tiny.py")
+  assert not cfg.model.path and cfg.model.init == "random"
+  tok = data.load_tokenizer(cfg.data.tokenizer)
+  assert len(tok) <= json.loads(cfg.model.hf_config)["vocab_size"]
+  formats = {}
+  for group in (cfg.data.sources, cfg.data.eval_sources):
+    for name, src in group.items():
+      lines = pathlib.Path(src.path).read_text().splitlines()
+      assert len(lines) >= 16, name
+      formats[name] = sorted(json.loads(lines[0]))
+  assert formats["chat"] == ["messages"]
+  assert formats["alpaca"] == ["input", "instruction", "output"]
+  assert formats["prompt_completion"] == ["completion", "prompt"]

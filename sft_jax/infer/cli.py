@@ -192,29 +192,91 @@ def _record_options(run_dir: str) -> dict:
       prompt_as_user_turn=bool(source.get("prompt_as_user_turn", True)))
 
 
+def _loss_eval(parser, args, run_dir, names) -> None:
+  """Prints (and for a run, logs) the loss metrics `names` of every set."""
+  from sft_jax.infer import loss_eval  # pylint: disable=g-import-not-at-top
+  try:
+    files = loss_eval.parse_data(args.data)
+  except ValueError as e:
+    parser.error(str(e))
+  for path in files.values():
+    if not os.path.exists(path):
+      parser.error(f"--data {path}: no such file")
+  loaded = _load(args, args.run)
+  try:
+    results, seq_len = loss_eval.evaluate(
+        loaded, files, seq_len=args.seq_len, batch_size=args.batch_size)
+  except ValueError as e:
+    parser.error(str(e))
+  step = loaded.step or 0
+  print(f"loss evaluation of {args.run}" + (
+      f" at step {step}" if run_dir else "") + f" (rows of {seq_len} tokens)")
+  for name, values in results.items():
+    print(f"{name}: " + "  ".join(f"{m} {values[m]:.4f}" for m in names) +
+          f"  ({int(values['tokens'])} tokens)")
+  out_dir = args.out or (os.path.join(run_dir, "eval") if run_dir else None)
+  if out_dir is not None:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"loss_step_{step}.json")
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump({"model": args.run, "step": step, "seq_len": seq_len,
+                 "sets": results}, f, indent=1)
+    print(f"wrote {path}", file=sys.stderr)
+  if run_dir is not None:
+    import tensorboard.summary  # pylint: disable=g-import-not-at-top
+    writer = tensorboard.summary.Writer(os.path.join(run_dir, "tb"))
+    for name, values in results.items():
+      prefix = "eval" if name == "all" else f"eval/{name}"
+      for m in names:
+        writer.add_scalar(f"{prefix}/{loss_eval.METRICS[m]}", values[m],
+                          step=step)
+    writer.close()
+
+
 def eval_main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog="sft-jax eval",
       description="""\
-Evaluate a run (or any model) by generation: answers to the prompts of
---data (greedy unless --temperature) are scored against the references.
-Metrics go to the run's TensorBoard (RUN/tb, tags gen_<name>/<metric>) and,
-with every sample generation, to RUN/eval/gen_<name>_step_<step>.json.""",
+Evaluate a run (or any model) on held-out data, in two ways:
+
+by loss (--metrics loss,perplexity,token_accuracy): the reference answers of
+every --data set (or, for a run, its data.eval_sources) go through the
+training pipeline, with the run's masks, template and packing, and the
+per-token loss, perplexity and next-token accuracy of the supervised tokens
+are reported per set and pooled ("all"). RUN/eval/loss_step_<step>.json and
+TensorBoard tags eval/<set>/{loss,perplexity,accuracy} at the checkpoint step.
+
+by generation (exact_match, rouge_l, bleu, json_valid, json_schema): answers
+to the prompts of --data (greedy unless --temperature) are scored against
+the references. Metrics go to the run's TensorBoard (RUN/tb, tags
+gen_<name>/<metric>) and, with every sample generation, to
+RUN/eval/gen_<name>_step_<step>.json.""",
       epilog="""\
 --data records: any training record format (messages, sharegpt, alpaca,
 prompt_completion); the last assistant turn (completion, output) is the
 reference and the turns before it the prompt.
 
-metrics: exact_match (after stripping whitespace), rouge_l (F-measure),
-bleu (sacrebleu corpus BLEU, 0-100), json_valid, json_schema (needs
---json-schema).
+metrics: loss, perplexity, token_accuracy (teacher-forced, on the
+supervised tokens); exact_match (after stripping whitespace), rouge_l
+(F-measure), bleu (sacrebleu corpus BLEU, 0-100), json_valid, json_schema
+(needs --json-schema).
 
-example:
-  sft-jax eval --run runs/demo --data heldout.jsonl --step 200""",
+examples:
+  sft-jax eval --run runs/tiny --metrics loss,perplexity,token_accuracy
+  sft-jax eval --run runs/tiny --step 40 --metrics loss \\
+      --data chat=configs/tiny_data/chat.jsonl --data configs/tiny_data/eval.jsonl
+  sft-jax eval --run runs/tiny --data configs/tiny_data/eval.jsonl""",
       formatter_class=argparse.RawDescriptionHelpFormatter)
   _add_model_args(parser, flag="--run", help_text=_MODEL_HELP)
-  parser.add_argument("--data", required=True, metavar="FILE",
-                      help="JSONL evaluation records with reference answers")
+  parser.add_argument("--data", action="append", default=[],
+                      metavar="[NAME=]FILE",
+                      help="evaluation records with reference answers; "
+                      "repeat for several sets (loss metrics; NAME defaults "
+                      "to the file's stem). Loss metrics on a run default to "
+                      "its data.eval_sources")
+  parser.add_argument("--seq-len", type=int, default=None, metavar="N",
+                      help="loss metrics: packed row length (default: the "
+                      "run's train.seq_len, or 2048)")
   parser.add_argument("--metrics", default="exact_match,rouge_l,bleu",
                       help="comma-separated metric names "
                       "(default exact_match,rouge_l,bleu)")
@@ -232,11 +294,21 @@ example:
 
   from sft_jax.infer import evaluate  # pylint: disable=g-import-not-at-top
   from sft_jax.infer import loading  # pylint: disable=g-import-not-at-top
+  from sft_jax.infer import loss_eval  # pylint: disable=g-import-not-at-top
   from sft_jax.infer import prompting  # pylint: disable=g-import-not-at-top
   run_dir = args.run if loading.is_run_dir(args.run) else None
+  metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+  loss_names = [m for m in metrics if m in loss_eval.METRICS]
+  metrics = [m for m in metrics if m not in loss_eval.METRICS]
+  if loss_names:
+    _loss_eval(parser, args, run_dir, loss_names)
+  if not metrics:
+    return 0
   if run_dir is None and args.out is None:
     parser.error("--out is required when --run is not a run directory")
-  metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+  if len(args.data) != 1:
+    parser.error("generation metrics need exactly one --data FILE")
+  args.data = args.data[0]
   schema = None
   if args.json_schema:
     with open(args.json_schema, encoding="utf-8") as f:

@@ -123,11 +123,14 @@ class LoraConfig:
     rslora: rank-stabilised scaling.
     targets: regex searched in "/"-joined module paths such as
       "layers/attn/q_proj" or "layers/mlp/down_proj".
+    dropout: PEFT's lora_dropout: dropout on the adapter's input only, active
+      when `apply` is given a "dropout" rng (training).
   """
   rank: int = 8
   alpha: float = 16.0
   rslora: bool = False
   targets: str = r"q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+  dropout: float = 0.0
 
   @property
   def scale(self) -> float:

@@ -94,7 +94,7 @@ def peft_config(lora, cfg: ModelConfig, base_model: str = "") -> dict:
       "peft_type": "LORA", "task_type": "CAUSAL_LM",
       "base_model_name_or_path": base_model, "r": cfg.lora.rank,
       "lora_alpha": cfg.lora.alpha, "use_rslora": cfg.lora.rslora,
-      "target_modules": modules, "lora_dropout": 0.0, "bias": "none",
+      "target_modules": modules, "lora_dropout": cfg.lora.dropout, "bias": "none",
       "fan_in_fan_out": False, "inference_mode": True,
   }
 

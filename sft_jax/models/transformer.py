@@ -86,7 +86,14 @@ class _Dense(nn.Module):
                                             (in_features, rank), pdtype)).value
       b_RxO = self.variable(
           "lora", "b", lambda: jnp.zeros((rank, self.features), pdtype)).value
-      delta = jnp.einsum("bti,ir->btr", x_BxTxI, a_IxR.astype(dtype))
+      x_lora = x_BxTxI
+      if cfg.lora.dropout > 0 and self.has_rng("dropout"):
+        # As PEFT: dropout on the adapter's input only, never the base path.
+        keep = jax.random.bernoulli(self.make_rng("dropout"),
+                                    1.0 - cfg.lora.dropout, x_BxTxI.shape)
+        x_lora = jnp.where(keep, x_BxTxI / (1.0 - cfg.lora.dropout), 0.0
+                           ).astype(x_BxTxI.dtype)
+      delta = jnp.einsum("bti,ir->btr", x_lora, a_IxR.astype(dtype))
       delta = jnp.einsum("btr,ro->bto", delta, b_RxO.astype(dtype))
       y_BxTxO = y_BxTxO + (delta * cfg.lora.scale).astype(dtype)
     return y_BxTxO
@@ -337,7 +344,7 @@ class Transformer(nn.Module):
     def scan(carry, name, lo, hi):
       stack = nn.scan(
           block, variable_axes={"params": 0, "lora": 0},
-          split_rngs={"params": True},
+          split_rngs={"params": True, "dropout": True},
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
                    nn.broadcast),
           length=hi - lo, unroll=1 if cfg.scan_layers else hi - lo)

@@ -16,6 +16,7 @@ candidates ranked by log-probability, as `sft-jax score` does).
 """
 
 import math
+import types
 from typing import Any, Callable, Mapping
 
 import jax
@@ -57,6 +58,34 @@ def eval_losses(eval_step: Callable, state: Any,
     for key in pooled:
       pooled[key] += sums[key]
   if per_set:
+    metrics.update(_summarise("eval", pooled))
+  return metrics
+
+
+def loss_metrics(model_cfg, variables: dict, eval_batches: Mapping[str, list],
+                 *, ce_chunk: int) -> dict[str, float]:
+  """`eval_losses` of a model outside training: any variables, one host.
+
+  The batches (from `data.make_eval_batches` with process_count=1) stay
+  uncommitted host arrays, so the step runs wherever `variables` live.
+  """
+  cfg = config_dict.ConfigDict({"train": {"ce_chunk": ce_chunk},
+                                "data": {"sources": {}}})
+  step_fn = step_lib.make_eval_step(cfg, model_cfg)
+  # make_eval_step reads the variables of a TrainState (the merge of its
+  # trainable and frozen parts): here all of them count as "trainable".
+  eval_fn = jax.jit(lambda v, b: step_fn(
+      types.SimpleNamespace(trainable=v, frozen={}), b))
+  metrics, pooled = {}, {"nll_sum": 0.0, "correct_sum": 0.0, "count": 0.0}
+  for name, batches in eval_batches.items():
+    outs = jax.device_get([eval_fn(variables, {
+        k: v for k, v in b.items() if k != "source_id"}) for b in batches])
+    sums = {k: sum(float(np.asarray(o[k], np.float64)) for o in outs)
+            for k in pooled}
+    metrics.update(_summarise(f"eval/{name}", sums))
+    for key in pooled:
+      pooled[key] += sums[key]
+  if eval_batches:
     metrics.update(_summarise("eval", pooled))
   return metrics
 

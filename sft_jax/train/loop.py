@@ -33,6 +33,7 @@ from sft_jax import models
 from sft_jax.train import checkpoint as checkpoint_lib
 from sft_jax.train import config as config_lib
 from sft_jax.train import distill
+from sft_jax.train import epochs as epochs_lib
 from sft_jax.train import evaluate
 from sft_jax.train import flops
 from sft_jax.train import metrics_writer
@@ -156,7 +157,7 @@ class _HostMetrics:
     self.last: dict = {}
     self.skipped = 0
 
-  def finish(self, step: int, metrics: Any) -> dict:
+  def finish(self, step: int, metrics: Any, extra: dict | None = None) -> dict:
     """Fetches `metrics` of `step`, checks them, logs them; returns scalars.
 
     Raises NonFiniteError when the step is not finite and the config says to
@@ -183,6 +184,7 @@ class _HostMetrics:
     if "distill_loss" in m:
       s["train/distill_loss"] = float(m["distill_loss"])
     s["train/packing_efficiency"] = float(m["num_tokens"]) / self._row_tokens
+    s.update(extra or {})
     for sid, name in enumerate(self._sources):
       if m["source_count"][sid] > 0:
         s[f"train/loss/{name}"] = float(
@@ -245,6 +247,15 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
       best_mode=cfg.checkpoint.best_mode,
       async_save=cfg.checkpoint.async_save)
   resume_step = ckpt.latest_step()
+  if cfg.train.epochs > 0:
+    tok = _load_tokenizer(cfg, workdir, resume_step is not None)
+    plan = epochs_lib.plan(cfg, tok)
+    cfg.train.steps = plan.steps
+    if is_main:
+      print(f"train.epochs={cfg.train.epochs:g}: {sum(plan.sizes.values()):,} "
+            f"examples in {len(plan.sizes)} sources, "
+            f"{plan.examples_per_row:.2f} examples per packed row -> "
+            f"train.steps={plan.steps}", flush=True)
   if resume_step is not None and resume_step >= cfg.train.steps:
     print(f"{workdir}: already trained to step {resume_step} >= "
           f"train.steps={cfg.train.steps}; nothing to do.", flush=True)
@@ -273,8 +284,10 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
                                                      mesh)
   del variables
   report = step_lib.param_report(cfg, model_cfg, state)
-  bar.write("params: {trainable_params:,} trainable of {total_params:,}; "
-            "optimizer state {opt_state_bytes:,} bytes".format(**report))
+  bar.write("params: {trainable_params:,} trainable of {total_params:,} "
+            "({share:.2f}%); optimizer state {opt_state_bytes:,} bytes".format(
+                share=100 * report["trainable_params"] /
+                max(1, report["total_params"]), **report))
   bar.write(models.attention_summary(model_cfg))
 
   pipeline = data.make_train_pipeline(
@@ -283,6 +296,10 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
       process_count=jax.process_count(), seed=cfg.seed,
       teacher_cache=cfg.distill.cache)
   batches = iter(pipeline)
+  seen = epochs_lib.Seen(
+      data.source_names(cfg.data),
+      epochs_lib.source_sizes(cfg.data, tok, cfg.train.seq_len),
+      jax.process_count())
   early = None
   if cfg.eval.early_stop_metric:
     early = evaluate.EarlyStopping(
@@ -298,6 +315,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
     restored, host_state = ckpt.restore(resume_step, target)
     state = state.replace(**restored)
     batches.set_state(host_state["iterator"])
+    seen.load_state_dict(host_state.get("examples_seen"))
     if early is not None and host_state.get("early_stopping"):
       early.load_state_dict(host_state["early_stopping"])
   start = int(jax.device_get(state.step))
@@ -305,7 +323,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
   writer = metrics_writer.MetricsWriter(workdir, enabled=is_main,
                                         resume_step=start)
   eval_sets = {}
-  if cfg.eval.every_steps > 0:
+  if cfg.eval.every_steps > 0 or cfg.eval.on_start:
     eval_sets = data.make_eval_batches(
         cfg.data, tok, seq_len=cfg.train.seq_len,
         batch_size=cfg.eval.batch_size, process_index=jax.process_index(),
@@ -330,7 +348,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
     if saved_step == step:
       return
     host_state = {"iterator": batches.get_state(),
-                  "early_stopping": early.state_dict() if early else None}
+                  "early_stopping": early.state_dict() if early else None,
+                  "examples_seen": seen.state_dict()}
     ckpt.save(step, checkpointed_part(state), data_state=host_state,
               config=config_lib.config_to_dict(cfg),
               tokenizer_files=tokenizer_files, metrics=eval_metrics)
@@ -338,13 +357,34 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
 
   reason, exit_code, step = "finished", EXIT_OK, start
   pending = None  # (step, device metrics) not yet fetched.
+
+  def run_eval(step):
+    eval_metrics = evaluate.eval_losses(eval_step, state, eval_sets, mesh)
+    if ranking_sets:
+      eval_metrics.update(evaluate.ranking_eval(
+          model_cfg, state, ranking_sets, cfg.eval.batch_size))
+    if cfg.eval.generate:
+      eval_metrics.update(evaluate.generation_eval(
+          cfg, model_cfg, state, tok, step=step,
+          out_dir=os.path.join(workdir, "eval") if is_main else None))
+    writer.write_scalars(step, eval_metrics)
+    bar.write(f"step {step}: " + "  ".join(
+        f"{k} {v:.4f}" for k, v in eval_metrics.items()
+        if not k.endswith("/tokens")))
+    return eval_metrics
+
+  if start == 0 and cfg.eval.on_start and eval_step is not None:
+    # The "before" point of every eval curve: the model as loaded.
+    host.last.update(run_eval(0))
   try:
     for step in range(start + 1, cfg.train.steps + 1):
-      batch = sharding.global_batch(next(batches), mesh)
+      local_batch = next(batches)
+      seen.add(local_batch)
+      batch = sharding.global_batch(local_batch, mesh)
       state, metrics = train_step(state, batch)
       if pending is not None:
         host.finish(*pending)
-      pending = (step, metrics)
+      pending = (step, metrics, seen.scalars())
 
       every = lambda n: n > 0 and step % n == 0
       last = step == cfg.train.steps
@@ -358,18 +398,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
       pending = None
       eval_metrics = None
       if do_eval:
-        eval_metrics = evaluate.eval_losses(eval_step, state, eval_sets, mesh)
-        if ranking_sets:
-          eval_metrics.update(evaluate.ranking_eval(
-              model_cfg, state, ranking_sets, cfg.eval.batch_size))
-        if cfg.eval.generate:
-          eval_metrics.update(evaluate.generation_eval(
-              cfg, model_cfg, state, tok, step=step,
-              out_dir=os.path.join(workdir, "eval") if is_main else None))
-        writer.write_scalars(step, eval_metrics)
-        bar.write(f"step {step}: " + "  ".join(
-            f"{k} {v:.4f}" for k, v in eval_metrics.items()
-            if not k.endswith("/tokens")))
+        eval_metrics = run_eval(step)
         host.last.update(eval_metrics)
         if early is not None and early.update(eval_metrics):
           reason = "early_stopped"
@@ -391,7 +420,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
     ckpt.close()
     writer.close()
 
-  if reason != "nonfinite" and host.last:
+  if reason != "nonfinite" and "train/loss" in host.last:
     bar.write(f"{reason.replace('_', ' ').capitalize()} at step {step}: "
               f"train/loss {host.last['train/loss']:.4f}; run directory "
               f"{workdir}")

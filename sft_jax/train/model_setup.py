@@ -55,7 +55,8 @@ def model_config(cfg: config_dict.ConfigDict) -> "models.ModelConfig":
     lora = models.LoraConfig(rank=cfg.method.lora.rank,
                              alpha=cfg.method.lora.alpha,
                              rslora=cfg.method.lora.rslora,
-                             targets=cfg.method.lora.targets)
+                             targets=cfg.method.lora.targets,
+                             dropout=cfg.method.lora.dropout)
   return dataclasses.replace(
       models.ModelConfig.from_hf_config(hf), dtype=cfg.model.dtype,
       param_dtype=cfg.model.param_dtype, scan_layers=cfg.model.scan_layers,

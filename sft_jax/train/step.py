@@ -209,11 +209,12 @@ def _num_sources(cfg: config_dict.ConfigDict) -> int:
   return max(1, len(cfg.data.sources))
 
 
-def _hidden_and_head(model_cfg, variables, batch):
+def _hidden_and_head(model_cfg, variables, batch, rngs=None):
   """Final hidden states [B, T, D], the unembedding [D, V], the logits fn."""
   model = models.Transformer(model_cfg)
   hidden_BxTxD = model.apply(variables, batch["tokens"], batch["positions"],
-                             batch["segment_ids"], return_hidden=True)
+                             batch["segment_ids"], return_hidden=True,
+                             rngs=rngs)
   w_DxV = models.unembedding(variables["params"], model_cfg)
   logits_fn = lambda h, w: models.logits_from_hidden(h, w, model_cfg)
   return hidden_BxTxD, w_DxV, logits_fn
@@ -225,12 +226,12 @@ def _source_id(batch):
 
 
 def _train_loss(model_cfg, variables, batch, denom, chunk, num_sources,
-                z_loss, cfg=None, objective=None):
+                z_loss, cfg=None, objective=None, rngs=None):
   """(loss of this micro-batch / denom, un-normalised sums for metrics)."""
   variables = dict(variables)
   teacher_params = variables.pop("teacher", None)
   hidden_BxTxD, w_DxV, logits_fn = _hidden_and_head(model_cfg, variables,
-                                                    batch)
+                                                    batch, rngs)
   nll_weight_BxT = batch["loss_mask"].astype(jnp.float32) / denom
   if objective is None:
     loss, per_token = loss_lib.weighted_ce(
@@ -314,29 +315,39 @@ def make_train_step(cfg: config_dict.ConfigDict,
     raise ValueError(f"config train.on_nonfinite: unknown "
                      f"{cfg.train.on_nonfinite!r} (stop | skip)")
 
-  def micro_loss(trainable, frozen, mb, denom):
+  # LoRA dropout draws its masks from (seed, step, micro-batch), so a
+  # resumed run repeats them.
+  dropout = model_cfg.lora is not None and model_cfg.lora.dropout > 0
+
+  def micro_loss(trainable, frozen, mb, denom, rng):
     variables = partition.merge(trainable, frozen)
     return _train_loss(training_model_config(frozen, model_cfg), variables,
-                       mb, denom, chunk, num_sources, z_loss, cfg, objective)
+                       mb, denom, chunk, num_sources, z_loss, cfg, objective,
+                       {"dropout": rng} if dropout else None)
 
   grad_fn = jax.grad(micro_loss, has_aux=True)
 
   def train_step(state: TrainState, batch: Batch):
     denom = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    rngs = jax.random.split(
+        jax.random.fold_in(jax.random.key(cfg.seed), state.step), k)
     if k == 1:
-      grads, sums = grad_fn(state.trainable, state.frozen, batch, denom)
+      grads, sums = grad_fn(state.trainable, state.frozen, batch, denom,
+                            rngs[0])
       grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
     else:
-      def body(acc, mb):
-        g, s = grad_fn(state.trainable, state.frozen, mb, denom)
+      def body(acc, xs):
+        mb, rng = xs
+        g, s = grad_fn(state.trainable, state.frozen, mb, denom, rng)
         return jax.tree.map(lambda a, b: a + b.astype(a.dtype), acc,
                             (g, s)), None
       zeros = jax.eval_shape(
           grad_fn, state.trainable, state.frozen,
-          jax.tree.map(lambda x: x[: x.shape[0] // k], batch), denom)
+          jax.tree.map(lambda x: x[: x.shape[0] // k], batch), denom,
+          rngs[0])
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), zeros)
-      (grads, sums), _ = jax.lax.scan(body, zeros,
-                                      _micro_batches(batch, k, mesh))
+      (grads, sums), _ = jax.lax.scan(
+          body, zeros, (_micro_batches(batch, k, mesh), rngs))
     grad_norm = optim.tree_norm(grads)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads,
                          state.trainable)
