@@ -222,9 +222,10 @@ def _check_sigterm_and_kill_then_resume(inputs, ref_dir):
   workdir = inputs["tmp"] / "interrupted"
   from sft_jax.train import run as run_lib  # pylint: disable=g-import-not-at-top
 
-  # 1. SIGTERM once step 3 is logged: the loop saves and exits cleanly.
-  proc = _ok(_train(inputs, workdir, child=["--signal", "TERM",
-                                            "--at-step", "3"]))
+  # 1. SIGTERM once step 3 is logged: the loop saves and exits with the
+  #    "preempted" code, so a scheduler requeues it.
+  proc = _train(inputs, workdir, child=["--signal", "TERM", "--at-step", "3"])
+  assert proc.returncode == 75, proc.stdout[-2000:] + proc.stderr[-2000:]
   stopped = re.search(r"Preempted: saved step (\d+)", proc.stderr)
   assert stopped, proc.stderr[-2000:]
   stopped = int(stopped.group(1))
