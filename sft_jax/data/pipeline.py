@@ -131,6 +131,8 @@ def _prepare_all(data_cfg, tok, seq_len, group):
   prepared = [prepare_source(n, data_cfg[group][n], data_cfg, tok,
                              seq_len=seq_len) for n in names]
   for n, p in zip(names, prepared):
+    if not len(p.keep):
+      continue  # An error naming the drops follows; no warning before it.
     # Drops are a warning, so they show even where logging is not set up.
     log = _LOG.warning if p.drops.total else _LOG.info
     log("data source %r: %d examples (%d truncated, %d split into rows); %s",
