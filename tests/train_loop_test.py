@@ -5,9 +5,9 @@ persistent compilation cache so only the first run pays for compiling.
 
   * the tiny config trains, the loss goes down, the run directory is complete
     and TensorBoard's own reader gives back the logged curves and HParams;
-  * SIGTERM saves and exits cleanly; SIGKILL loses nothing committed; a run
-    stopped both ways and resumed equals the uninterrupted run exactly (every
-    per-step loss and every final parameter);
+  * SIGTERM and SIGINT (Ctrl-C) save and exit with code 75; SIGKILL loses
+    nothing committed; a run stopped all three ways and resumed equals the
+    uninterrupted run exactly (every per-step loss and every final parameter);
   * a non-finite loss stops the run naming the step, with no checkpoint of it;
   * unit checks of checkpoint retention, JSONL truncation, early stopping.
 """
@@ -218,7 +218,8 @@ def _check_tensorboard(workdir):
 
 
 def _check_sigterm_and_kill_then_resume(inputs, ref_dir):
-  """SIGTERM, resume, SIGKILL, resume: equal to the uninterrupted run."""
+  """SIGTERM, resume, SIGINT, resume, SIGKILL, resume: equal to the
+  uninterrupted run."""
   workdir = inputs["tmp"] / "interrupted"
   from sft_jax.train import run as run_lib  # pylint: disable=g-import-not-at-top
 
@@ -232,15 +233,25 @@ def _check_sigterm_and_kill_then_resume(inputs, ref_dir):
   assert stopped in (3, 4)
   assert run_lib.checkpoint_steps(str(workdir))[-1] == stopped
 
-  # 2. Resume; SIGKILL after step 10 is logged and checkpoint 8 committed:
+  # 2. Resume; Ctrl-C (SIGINT) once step 5 is logged: saved like SIGTERM.
+  proc = _train(inputs, workdir, child=["--signal", "INT", "--at-step", "5"])
+  assert proc.returncode == 75, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert f"Resuming from the checkpoint of step {stopped}" in proc.stdout
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  interrupted = int(re.search(r"Preempted: saved step (\d+)",
+                              proc.stderr).group(1))
+  assert interrupted in (5, 6)
+  assert run_lib.checkpoint_steps(str(workdir))[-1] == interrupted
+
+  # 3. Resume; SIGKILL after step 10 is logged and checkpoint 8 committed:
   #    steps 9-10 are lost with the process.
   proc = _train(inputs, workdir, child=["--signal", "KILL", "--at-step", "10",
                                         "--after-checkpoint", "8"])
   assert proc.returncode == -9, proc.stderr[-2000:]
-  assert f"Resuming from the checkpoint of step {stopped}" in proc.stdout
+  assert f"Resuming from the checkpoint of step {interrupted}" in proc.stdout
   assert run_lib.checkpoint_steps(str(workdir))[-1] == 8
 
-  # 3. Resume to the end.
+  # 4. Resume to the end.
   proc = _ok(_train(inputs, workdir))
   assert "Resuming from the checkpoint of step 8" in proc.stdout
   # The eval of step 6 ran before the kill; its early-stopping state came
