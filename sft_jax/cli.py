@@ -121,7 +121,10 @@ def run_command(name: str, func, argv: list[str], *, debug: bool) -> int:
       return errors.EXIT_BUG
     if debug:
       traceback.print_exc()
-    print(f"sft-jax {name}: {user.what}: {user}", file=sys.stderr, flush=True)
+    # One line, whatever a library put in the message.
+    message = " ".join(str(user).split())
+    print(f"sft-jax {name}: {user.what}: {message}", file=sys.stderr,
+          flush=True)
     return errors.EXIT_USAGE
 
 

@@ -334,6 +334,20 @@ def test_metrics_writer_drops_records_past_the_resume_step(tmp_path):
   assert steps == [1, 2, 3, 4]
 
 
+def test_metrics_writer_after_a_start_interrupted_before_any_checkpoint(
+    tmp_path):
+  # The first process logged steps 0-3 and died before its first save; the
+  # next one starts from 0 again and logs each step once.
+  from sft_jax.train import metrics_writer  # pylint: disable=g-import-not-at-top
+  for _ in range(2):
+    w = metrics_writer.MetricsWriter(str(tmp_path), resume_step=0)
+    for step in range(0, 4):
+      w.write_scalars(step, {"train/loss": 1.0 / (step + 1)})
+    w.close()
+  steps = [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")]
+  assert steps == [0, 1, 2, 3]
+
+
 def test_early_stopping_counts_evaluations_without_improvement():
   from sft_jax.train import evaluate  # pylint: disable=g-import-not-at-top
   es = evaluate.EarlyStopping("eval/loss", "min", patience=2, min_delta=0.1)

@@ -58,6 +58,7 @@ def validate(cfg: config_dict.ConfigDict) -> None:
         f"train.batch_size={t.batch_size} is not a multiple of "
         f"train.grad_accum={t.grad_accum}; choose a grad_accum that divides "
         "it")
+  _check_mesh(cfg)
   if cfg.checkpoint.best_metric and cfg.eval.every_steps == 0:
     raise ConfigError(f"checkpoint.best_metric={cfg.checkpoint.best_metric!r}"
                       " needs evaluations: set eval.every_steps > 0")
@@ -103,6 +104,23 @@ def validate(cfg: config_dict.ConfigDict) -> None:
   for group in ("sources", "eval_sources"):
     for name, src in cfg.data[group].items():
       _check_source_files(f"data.{group}.{name}.path", src.path)
+
+
+def _check_mesh(cfg: config_dict.ConfigDict) -> None:
+  """The mesh fits the devices, and each data shard gets whole micro-batches
+  (the step's own check, made before any loading)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  try:
+    data, fsdp, _ = sharding.mesh_shape(cfg.mesh, jax.device_count())
+  except ValueError as e:
+    raise ConfigError(f"mesh: {e}") from None
+  t = cfg.train
+  if t.batch_size % (data * fsdp * t.grad_accum):
+    raise ConfigError(
+        f"train.batch_size={t.batch_size} is not a multiple of mesh.data x "
+        f"mesh.fsdp x train.grad_accum ({data} x {fsdp} x {t.grad_accum} on "
+        f"{jax.device_count()} devices); raise the batch or shrink the mesh")
 
 
 def _data_hint(message: str) -> str:
