@@ -29,11 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sft_jax import errors
 from sft_jax import models
 
 
-class ScoreInputError(ValueError):
+class ScoreInputError(errors.UserError, ValueError):
   """A malformed input line; the message names the file and line."""
+  what = "data"
 
 
 class _Request(NamedTuple):
@@ -268,9 +270,9 @@ def main(argv=None) -> int:
   try:
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
     requests = read_requests(args.data, tokenizer)
-  except (ScoreInputError, OSError) as e:
-    print(f"sft-jax score: error: {e}", file=sys.stderr)
-    return 2
+  except OSError as e:
+    raise errors.UserError(f"{args.model}: cannot load the tokenizer ({e})",
+                           what="model") from e
   model_cfg, params = models.load_hf(args.model, dtype=args.dtype)
   model_cfg = dataclasses.replace(model_cfg, dtype=args.dtype)
   records = []

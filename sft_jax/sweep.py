@@ -35,6 +35,7 @@ import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from sft_jax import errors
 from sft_jax.sweep_summary import SweepError, summarize, write_summary
 
 DONE_MARKER = "sweep_done.json"
@@ -228,6 +229,9 @@ def _finish(run: _Running, config_spec: str, cmd: list[str]) -> int:
       json.dump(marker, f, indent=1)
     os.replace(tmp, os.path.join(run.point.workdir, DONE_MARKER))
     print(f"[sweep] {run.point.name}: done in {seconds:.0f}s", flush=True)
+  elif rc == errors.EXIT_PREEMPTED:
+    print(f"[sweep] {run.point.name}: preempted after {seconds:.0f}s (saved); "
+          "rerun the sweep to resume it", flush=True)
   else:
     print(f"[sweep] {run.point.name}: FAILED (exit code {rc}) after "
           f"{seconds:.0f}s; see {os.path.join(run.point.workdir, LOG_NAME)}",
@@ -420,15 +424,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  # Everything after `--` goes to train verbatim: argparse would read
+  # `--config.train.steps=20` there as an unknown option of its own.
+  train_args = []
+  if "--" in argv:
+    split = argv.index("--")
+    argv, train_args = argv[:split], argv[split + 1:]
   args = _parser().parse_args(argv)
-  try:
-    return run_sweep(
-        args.experiment, args.workdir, parallel=args.parallel,
-        dry_run=args.dry_run, summary_only=args.summary_only, only=args.only,
-        index=args.index, list_points=args.list,
-        metrics=args.metrics.split(",") if args.metrics else None, x=args.x,
-        extra_args=args.train_args,
-        check_config=None if args.no_check else _check_with_train_config)
-  except SweepError as e:
-    print(f"sft-jax sweep: error: {e}", file=sys.stderr)
-    return 2
+  args.train_args = list(args.train_args) + train_args
+  return run_sweep(
+      args.experiment, args.workdir, parallel=args.parallel,
+      dry_run=args.dry_run, summary_only=args.summary_only, only=args.only,
+      index=args.index, list_points=args.list,
+      metrics=args.metrics.split(",") if args.metrics else None, x=args.x,
+      extra_args=args.train_args,
+      check_config=None if args.no_check else _check_with_train_config)

@@ -15,6 +15,8 @@ import re
 import sys
 from typing import Any, Iterable, Mapping, Sequence
 
+from sft_jax import errors
+
 METRICS_NAME = "metrics.jsonl"
 
 # Metrics whose names match this are better when higher; all others lower.
@@ -22,8 +24,9 @@ _HIGHER_IS_BETTER = re.compile(
     r"acc|exact_match|json_valid|schema|rouge|bleu|f1|mfu|per_s|tokens_s")
 
 
-class SweepError(Exception):
+class SweepError(errors.UserError):
   """A malformed experiment, sweep point or metrics file."""
+  what = "sweep"
 
 
 # ------------------------------------------------------------------ summary

@@ -68,8 +68,8 @@ def test_dump_strict_and_mask_last_and_max_length(files, capsys):
   rc = cli.main(["data", "dump", "--tokenizer", str(d / "tok"), "--data",
                  str(d / "train.jsonl"), "--out", str(d / "x.jsonl"),
                  "--strict"])
-  assert rc == 1
-  assert (f"error: {d}/train.jsonl:2: malformed_json"
+  assert rc == 2
+  assert (f"sft-jax data: data: {d}/train.jsonl:2: malformed_json"
           in capsys.readouterr().err)
   rc = cli.main(["data", "dump", "--tokenizer", str(d / "tok"), "--data",
                  str(d / "train.jsonl"), "--out", str(d / "x.jsonl"),
@@ -142,7 +142,7 @@ def get_config(arg=None):
   assert "== train source 'chat'" in out and "mask last" in out
   rc = cli.main(["data", "inspect", "--config", str(cfg),
                  "--config.data.nope=1"])
-  assert rc == 1 and "nope" in capsys.readouterr().err
+  assert rc == 2 and "nope" in capsys.readouterr().err
 
 
 def test_inspect_on_a_run_directory(files, tmp_path, capsys):

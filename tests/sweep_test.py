@@ -279,7 +279,10 @@ def test_bad_input_gives_clear_errors(fake, tmp_path):
     sweep.run_sweep(exp, str(tmp_path / "w"), check_config=reject,
                     train_command=train)
   assert not os.path.exists(tmp_path / "w")  # nothing ran
-  assert sweep.main([str(tmp_path / "missing.py"), "--workdir", "w"]) == 2
+  # Through the command dispatcher: one line, exit code 2.
+  from sft_jax import cli  # pylint: disable=g-import-not-at-top
+  assert cli.main(["sweep", str(tmp_path / "missing.py"), "--workdir",
+                   "w"]) == 2
 
 
 def test_real_tiny_training_sweep(tmp_path):

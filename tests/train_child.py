@@ -6,7 +6,8 @@
 Runs the real CLI; once the metrics of step `--at-step` have been fetched
 (and, if given, once checkpoint `--after-checkpoint` is committed on disk) the
 process sends itself SIGKILL (no cleanup at all, like a lost machine) or
-SIGTERM (a preemption notice the loop must honour).
+SIGTERM (a preemption notice the loop must honour) or SIGINT (Ctrl-C, which
+the loop honours the same way).
 """
 
 import argparse
@@ -15,14 +16,14 @@ import signal
 import sys
 import time
 
-from sft_jax.train import cli
+from sft_jax import cli as sft_cli
 from sft_jax.train import loop
 
 
 def main() -> int:
   split = sys.argv.index("--")
   parser = argparse.ArgumentParser()
-  parser.add_argument("--signal", choices=("KILL", "TERM"), required=True)
+  parser.add_argument("--signal", choices=("KILL", "TERM", "INT"), required=True)
   parser.add_argument("--at-step", type=int, required=True)
   parser.add_argument("--after-checkpoint", type=int)
   args = parser.parse_args(sys.argv[1:split])
@@ -44,7 +45,7 @@ def main() -> int:
     return out
 
   loop._HostMetrics.finish = finish_then_signal  # pylint: disable=protected-access
-  return cli.main(train_argv)
+  return sft_cli.main(["train", *train_argv])
 
 
 if __name__ == "__main__":

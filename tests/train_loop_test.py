@@ -5,9 +5,9 @@ persistent compilation cache so only the first run pays for compiling.
 
   * the tiny config trains, the loss goes down, the run directory is complete
     and TensorBoard's own reader gives back the logged curves and HParams;
-  * SIGTERM saves and exits cleanly; SIGKILL loses nothing committed; a run
-    stopped both ways and resumed equals the uninterrupted run exactly (every
-    per-step loss and every final parameter);
+  * SIGTERM and SIGINT (Ctrl-C) save and exit with code 75; SIGKILL loses
+    nothing committed; a run stopped all three ways and resumed equals the
+    uninterrupted run exactly (every per-step loss and every final parameter);
   * a non-finite loss stops the run naming the step, with no checkpoint of it;
   * unit checks of checkpoint retention, JSONL truncation, early stopping.
 """
@@ -218,28 +218,40 @@ def _check_tensorboard(workdir):
 
 
 def _check_sigterm_and_kill_then_resume(inputs, ref_dir):
-  """SIGTERM, resume, SIGKILL, resume: equal to the uninterrupted run."""
+  """SIGTERM, resume, SIGINT, resume, SIGKILL, resume: equal to the
+  uninterrupted run."""
   workdir = inputs["tmp"] / "interrupted"
   from sft_jax.train import run as run_lib  # pylint: disable=g-import-not-at-top
 
-  # 1. SIGTERM once step 3 is logged: the loop saves and exits cleanly.
-  proc = _ok(_train(inputs, workdir, child=["--signal", "TERM",
-                                            "--at-step", "3"]))
+  # 1. SIGTERM once step 3 is logged: the loop saves and exits with the
+  #    "preempted" code, so a scheduler requeues it.
+  proc = _train(inputs, workdir, child=["--signal", "TERM", "--at-step", "3"])
+  assert proc.returncode == 75, proc.stdout[-2000:] + proc.stderr[-2000:]
   stopped = re.search(r"Preempted: saved step (\d+)", proc.stderr)
   assert stopped, proc.stderr[-2000:]
   stopped = int(stopped.group(1))
   assert stopped in (3, 4)
   assert run_lib.checkpoint_steps(str(workdir))[-1] == stopped
 
-  # 2. Resume; SIGKILL after step 10 is logged and checkpoint 8 committed:
+  # 2. Resume; Ctrl-C (SIGINT) once step 5 is logged: saved like SIGTERM.
+  proc = _train(inputs, workdir, child=["--signal", "INT", "--at-step", "5"])
+  assert proc.returncode == 75, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert f"Resuming from the checkpoint of step {stopped}" in proc.stdout
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  interrupted = int(re.search(r"Preempted: saved step (\d+)",
+                              proc.stderr).group(1))
+  assert interrupted in (5, 6)
+  assert run_lib.checkpoint_steps(str(workdir))[-1] == interrupted
+
+  # 3. Resume; SIGKILL after step 10 is logged and checkpoint 8 committed:
   #    steps 9-10 are lost with the process.
   proc = _train(inputs, workdir, child=["--signal", "KILL", "--at-step", "10",
                                         "--after-checkpoint", "8"])
   assert proc.returncode == -9, proc.stderr[-2000:]
-  assert f"Resuming from the checkpoint of step {stopped}" in proc.stdout
+  assert f"Resuming from the checkpoint of step {interrupted}" in proc.stdout
   assert run_lib.checkpoint_steps(str(workdir))[-1] == 8
 
-  # 3. Resume to the end.
+  # 4. Resume to the end.
   proc = _ok(_train(inputs, workdir))
   assert "Resuming from the checkpoint of step 8" in proc.stdout
   # The eval of step 6 ran before the kill; its early-stopping state came
@@ -320,6 +332,20 @@ def test_metrics_writer_drops_records_past_the_resume_step(tmp_path):
   w.close()
   steps = [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")]
   assert steps == [1, 2, 3, 4]
+
+
+def test_metrics_writer_after_a_start_interrupted_before_any_checkpoint(
+    tmp_path):
+  # The first process logged steps 0-3 and died before its first save; the
+  # next one starts from 0 again and logs each step once.
+  from sft_jax.train import metrics_writer  # pylint: disable=g-import-not-at-top
+  for _ in range(2):
+    w = metrics_writer.MetricsWriter(str(tmp_path), resume_step=0)
+    for step in range(0, 4):
+      w.write_scalars(step, {"train/loss": 1.0 / (step + 1)})
+    w.close()
+  steps = [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")]
+  assert steps == [0, 1, 2, 3]
 
 
 def test_early_stopping_counts_evaluations_without_improvement():

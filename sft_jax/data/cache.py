@@ -113,7 +113,10 @@ def encode_records(src, tok, template, *, strict: bool, drops: DropLog,
         if isinstance(record, RecordError):
           raise record
         if fmt[0] == "auto":
-          fmt[0] = formats.detect(record, src.fields)
+          try:
+            fmt[0] = formats.detect(record, src.fields)
+          except DataError as e:
+            raise DataError(f"{where}: {e}") from None
         items.append((where, formats.to_example(record, fmt[0], src.fields)))
       except RecordError as e:
         items.append((where, e))

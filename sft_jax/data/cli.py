@@ -100,13 +100,11 @@ def main(argv=None) -> int:
   bad = [a for a in rest if not a.startswith("--config.")]
   if bad or (rest and args.cmd != "inspect"):
     _parser().error(f"unrecognized arguments: {' '.join(bad or rest)}")
-  try:
-    if args.cmd == "dump":
-      return _dump(args)
-    return _inspect(args, rest)
-  except DataError as e:
-    print(f"sft-jax data: error: {e}", file=sys.stderr)
-    return 1
+  # A DataError is a user error: the `sft-jax` dispatcher prints it as one
+  # line and exits 2.
+  if args.cmd == "dump":
+    return _dump(args)
+  return _inspect(args, rest)
 
 
 def _dump(args) -> int:

@@ -8,9 +8,12 @@ configuration, a template that breaks the mask rules, or `strict` mode).
 import collections
 import dataclasses
 
+from sft_jax import errors
 
-class DataError(Exception):
+
+class DataError(errors.UserError):
   """A data problem that stops the run; the message names file, line, reason."""
+  what = "data"
 
 
 class RecordError(Exception):

@@ -25,6 +25,8 @@ from sft_jax.data import render
 from sft_jax.data import teacher_cache as teacher_cache_lib
 from sft_jax.data.errors import DataError, DropLog
 
+_LOG = logging.getLogger("sft_jax")
+
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions",
               "source_id")
 
@@ -130,8 +132,10 @@ def _prepare_all(data_cfg, tok, seq_len, group):
   prepared = [prepare_source(n, data_cfg[group][n], data_cfg, tok,
                              seq_len=seq_len) for n in names]
   for n, p in zip(names, prepared):
+    if not len(p.keep):
+      continue  # An error naming the drops follows; no warning before it.
     # Drops are a warning, so they show even where logging is not set up.
-    log = logging.warning if p.drops.total else logging.info
+    log = _LOG.warning if p.drops.total else _LOG.info
     log("data source %r: %d examples (%d truncated, %d split into rows); %s",
         n, len(p.keep), p.truncated, p.split,
         p.drops.summary().replace("\n", ";"))
@@ -229,8 +233,9 @@ def make_train_pipeline(data_cfg, tok, *, seq_len: int, batch_size: int,
     if weight == 0:
       continue
     if not len(p.keep):
-      raise DataError(f"data source {name!r} has no usable example at "
-                      f"seq_len={seq_len}:\n{p.drops.summary()}")
+      raise DataError(f"data.sources.{name}: no usable example at "
+                      f"seq_len={seq_len}; "
+                      f"{p.drops.summary().replace(chr(10), ';')}")
     ds = grain.MapDataset.source(p.rows)
     if data_cfg.shuffle:
       # A distinct permutation per source and per epoch (Grain reseeds the
@@ -281,8 +286,9 @@ def make_eval_batches(data_cfg, tok, *, seq_len: int, batch_size: int,
   out = {}
   for sid, (name, p) in enumerate(zip(names, prepared)):
     if not len(p.keep):
-      raise DataError(f"eval set {name!r} has no usable example at "
-                      f"seq_len={seq_len}:\n{p.drops.summary()}")
+      raise DataError(f"data.eval_sources.{name}: no usable example at "
+                      f"seq_len={seq_len}; "
+                      f"{p.drops.summary().replace(chr(10), ';')}")
     ds = grain.MapDataset.source(p.rows).map(example_loader(
         p, sid, seq_len, data_cfg.too_long, tok.bos_token_id))
     packed = pack(ds.to_iter_dataset(), data_cfg, seq_len, 0,

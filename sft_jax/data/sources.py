@@ -61,9 +61,16 @@ def fingerprint(src) -> str:
 
 def _read_jsonl(path: str) -> Iterator[tuple[str, object]]:
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rt", encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
+  # Bytes, decoded line by line: a bad byte costs its record, not the file.
+  with opener(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
       where = f"{path}:{lineno}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        yield where, RecordError("bad_utf8", f"byte {raw[e.start]:#04x} at "
+                                 f"column {e.start + 1} is not UTF-8")
+        continue
       if not line.strip():
         continue  # blank lines are layout, not records
       try:

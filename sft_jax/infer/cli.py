@@ -2,9 +2,12 @@
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
+
+from sft_jax import errors
 
 _MODEL_HELP = (
     "a run directory (sft-jax train --workdir; recognised by its "
@@ -96,7 +99,11 @@ examples:
     prompts = [prompting.prompt_of_record(r, where, raw=args.raw)
                for r, where in prompting.read_jsonl(args.data)]
     if not prompts:
-      parser.error(f"{args.data}: no records")
+      raise errors.UserError(f"{args.data}: no records (the file is empty)",
+                             what="data")
+  if args.out:  # before generating: nothing generated is lost to a bad path
+    errors.check_writable_dir(os.path.dirname(os.path.abspath(args.out)),
+                              what="--out")
   loaded = _load(args, args.model)
   ids = [prompting.encode_prompt(loaded.tokenizer, p, raw=args.raw)
          for p in prompts]
@@ -284,8 +291,9 @@ examples:
                       help="a JSON Schema file; adds the json_valid and "
                       "json_schema metrics")
   parser.add_argument("--out", default=None, metavar="DIR",
-                      help="directory of the results JSON (default: "
-                      "RUN/eval for a run; required otherwise)")
+                      help="directory of every output: the results JSON and "
+                      "TensorBoard events (OUT/tb) (default: RUN/eval and "
+                      "RUN/tb for a run; required otherwise)")
   parser.add_argument("--name", default=None,
                       help="name of this evaluation in TensorBoard tags and "
                       "file names (default: the data file's stem)")
@@ -311,16 +319,21 @@ examples:
   args.data = args.data[0]
   schema = None
   if args.json_schema:
-    with open(args.json_schema, encoding="utf-8") as f:
-      schema = json.load(f)
+    schema = errors.read_json(args.json_schema, what="data")
     metrics += [m for m in ("json_valid", "json_schema") if m not in metrics]
   rows = prompting.read_jsonl(args.data)
   if not rows:
-    parser.error(f"{args.data}: no records")
+    raise errors.UserError(f"{args.data}: no records (the file is empty)",
+                             what="data")
   options = (_record_options(args.run) if run_dir is not None
              else dict(fields=None, prompt_as_user_turn=True))
   for record, where in rows:  # fail on a bad record before loading weights
     prompting.split_record(record, where, **options)
+  # ... and on an output directory that cannot be written, before generating.
+  out_dir = args.out or os.path.join(run_dir, "eval")
+  errors.check_writable_dir(out_dir, what="--out" if args.out else "run")
+  tb_dir = os.path.join(args.out, "tb") if args.out else os.path.join(
+      run_dir, "tb")
   loaded = _load(args, args.run)
   result, samples = evaluate.generation_metrics(
       loaded.model_cfg, loaded.variables, loaded.tokenizer,
@@ -330,18 +343,23 @@ examples:
       **options)
   name = args.name or os.path.splitext(os.path.basename(args.data))[0]
   prefix = "gen_" + re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-  writer = None
-  if run_dir is not None:
-    import tensorboard.summary  # pylint: disable=g-import-not-at-top
-    writer = tensorboard.summary.Writer(os.path.join(run_dir, "tb"))
-  out_dir = args.out or os.path.join(run_dir, "eval")
+  # The results first: nothing after generation may lose them.
   path = evaluate.write_results(out_dir, loaded.step or 0, result, samples,
-                                prefix=prefix, writer=writer)
-  if writer is not None:
-    writer.close()
+                                prefix=prefix)
   for k, v in result.items():
     print(f"{k}: {v:.4f}")
   print(f"wrote {path}", file=sys.stderr)
+  if run_dir is not None or args.out:
+    try:
+      import tensorboard.summary  # pylint: disable=g-import-not-at-top
+      writer = tensorboard.summary.Writer(tb_dir)
+      evaluate.write_results(out_dir, loaded.step or 0, result, [],
+                             prefix=prefix, writer=writer, json_file=False)
+      writer.close()
+    except OSError as e:
+      logging.getLogger("sft_jax").warning(
+          "%s: TensorBoard events not written (%s); the results are in %s",
+          tb_dir, e, path)
   return 0
 
 
@@ -387,7 +405,10 @@ serve the result:
   from sft_jax.infer import export  # pylint: disable=g-import-not-at-top
   from sft_jax.infer import loading  # pylint: disable=g-import-not-at-top
   if not loading.is_run_dir(args.run):
-    parser.error(f"{args.run} is not a run directory (no checkpoints/)")
+    raise errors.WorkdirError(f"{args.run}: not a run directory (no "
+                              "checkpoints/); give a --workdir of "
+                              "`sft-jax train`", what="run")
+  errors.check_writable_dir(args.out, what="--out")
   loaded = loading.load(args.run, step=args.step)
   if args.merge:
     export.export_merged(
@@ -398,7 +419,8 @@ serve the result:
         max_shard_size=args.max_shard_size)
   else:
     if "lora" not in loaded.variables:
-      parser.error(f"{args.run} is a full fine-tune (no LoRA): use --merge")
+      raise errors.UserError(f"{args.run}: a full fine-tune (no LoRA) has "
+                             "no adapter; use --merge", what="run")
     export.export_adapter(
         loaded.model_cfg, loaded.variables["lora"], args.out,
         base_model=loaded.base_model, dtype=args.dtype,

@@ -186,7 +186,7 @@ def generation_metrics(model_cfg, variables, tokenizer,
 
 def write_results(out_dir: str, step: int, metrics: dict[str, float],
                   samples: list[dict[str, Any]], *, prefix: str = "gen",
-                  writer=None) -> str:
+                  writer=None, json_file: bool = True) -> str:
   """Logs metrics to TensorBoard and writes metrics + samples as JSON.
 
   Args:
@@ -197,6 +197,7 @@ def write_results(out_dir: str, step: int, metrics: dict[str, float],
     samples: the generations, written beside the metrics.
     prefix: TensorBoard tag prefix and file name stem.
     writer: a tensorboard.summary.Writer, or None to skip TensorBoard.
+    json_file: False writes only the TensorBoard scalars.
 
   Returns:
     The JSON file's path.
@@ -205,8 +206,10 @@ def write_results(out_dir: str, step: int, metrics: dict[str, float],
     for name, value in metrics.items():
       writer.add_scalar(f"{prefix}/{name}", float(value), step=step)
     writer.flush()
-  os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, f"{prefix}_step_{step}.json")
+  if not json_file:
+    return path
+  os.makedirs(out_dir, exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:
     json.dump({"step": step, "metrics": metrics, "samples": samples}, f,
               indent=1, ensure_ascii=False)

@@ -9,6 +9,7 @@ import dataclasses
 import os
 from typing import Any
 
+from sft_jax import errors
 from sft_jax import models
 from sft_jax.infer import export
 from sft_jax.infer import prompting
@@ -69,8 +70,9 @@ def load(model: str, *, step: int | None = None, adapter: str | None = None,
     extra = export.base_generation_config(run.base_model) or {}
   else:
     if step is not None:
-      raise ValueError(f"--step applies to run directories; {model!r} has no "
-                       "checkpoints/ folder")
+      raise errors.UserError(f"{model}: --step applies to run directories; "
+                             "this one has no checkpoints/ folder",
+                             what="model")
     import transformers  # pylint: disable=g-import-not-at-top
     local = models.resolve(model)  # a hub id is downloaded once, here
     cfg, params = models.load_hf(local)
@@ -81,8 +83,9 @@ def load(model: str, *, step: int | None = None, adapter: str | None = None,
     extra = export.base_generation_config(local) or {}
   if adapter is not None:
     if "lora" in loaded.variables:
-      raise ValueError(f"{model} already carries LoRA weights; export it "
-                       "merged first to put another adapter over it")
+      raise errors.UserError(f"{model}: already carries LoRA weights; "
+                             "export it merged first to put another adapter "
+                             "over it", what="model")
     cfg = dataclasses.replace(
         loaded.model_cfg, lora=export.lora_config_from_peft(adapter))
     loaded.variables["lora"] = export.load_peft_adapter(adapter, cfg)

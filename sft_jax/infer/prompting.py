@@ -9,6 +9,13 @@ tokens (BOS where the tokenizer adds one).
 import json
 from typing import Any, Sequence
 
+from sft_jax import errors
+
+
+class PromptError(errors.UserError, ValueError):
+  """A prompt or evaluation record that cannot be used; names file:line."""
+  what = "data"
+
 # A marker that no template or tokenizer treats specially; what the template
 # writes right after it is the end-of-turn text.
 _MARK = "\u2063END_OF_ASSISTANT_TURN\u2063"
@@ -28,10 +35,10 @@ def encode_prompt(tokenizer, prompt, *, raw: bool = False) -> list[int]:
   """
   if raw:
     if not isinstance(prompt, str):
-      raise ValueError("a raw prompt must be a string, not messages")
+      raise PromptError("a raw prompt must be a string, not messages")
     return list(tokenizer(prompt).input_ids)
   if tokenizer.chat_template is None:
-    raise ValueError(
+    raise PromptError(
         "the tokenizer has no chat template: pass raw prompts (--raw) or a "
         "tokenizer with one")
   messages = ([{"role": "user", "content": prompt}]
@@ -108,15 +115,15 @@ def split_record(record: dict[str, Any], where: str, *, fields=None,
     messages.append({"role": "user", "content": example.prompt})
     return messages, example.completion, False
   if example.kind != "chat":
-    raise ValueError(f"{where}: a {example.kind!r} record has no reference "
+    raise PromptError(f"{where}: a {example.kind!r} record has no reference "
                      "answer to evaluate against")
   messages = example.messages
   last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
   if last != len(messages) - 1:
-    raise ValueError(f"{where}: turns follow the last assistant turn; the "
+    raise PromptError(f"{where}: turns follow the last assistant turn; the "
                      "reference answer must be the final turn")
   if last == 0:
-    raise ValueError(f"{where}: the conversation starts with the assistant "
+    raise PromptError(f"{where}: the conversation starts with the assistant "
                      "turn: there is no prompt")
   return messages[:last], messages[last]["content"], False
 
@@ -132,7 +139,7 @@ def prompt_of_record(record: dict[str, Any], where: str, *, raw: bool,
   if isinstance(record, dict) and set(record) <= {"prompt", "id", "system"}:
     prompt = record.get("prompt")
     if not isinstance(prompt, str) or not prompt:
-      raise ValueError(f"{where}: 'prompt' must be a non-empty string")
+      raise PromptError(f"{where}: 'prompt' must be a non-empty string")
     if raw:
       return prompt
     system = record.get("system")
@@ -146,13 +153,13 @@ def prompt_of_record(record: dict[str, Any], where: str, *, raw: bool,
     for i, m in enumerate(messages):
       if (not isinstance(m, dict) or not isinstance(m.get("role"), str)
           or not isinstance(m.get("content"), str)):
-        raise ValueError(f"{where}: messages[{i}] must be an object with "
+        raise PromptError(f"{where}: messages[{i}] must be an object with "
                          "string 'role' and 'content'")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
   prompt, _, is_raw = split_record(record, where, fields=fields,
                                    prompt_as_user_turn=not raw)
   if raw and not is_raw:
-    raise ValueError(f"{where}: --raw needs a plain-text prompt, but this "
+    raise PromptError(f"{where}: --raw needs a plain-text prompt, but this "
                      "record is a conversation")
   return prompt
 
@@ -167,24 +174,29 @@ def _example(record, where: str, fields):
   try:
     return formats.to_example(record, formats.detect(record, fields), fields)
   except (data_errors.DataError, data_errors.RecordError) as e:
-    raise ValueError(f"{where}: {e}") from None
+    raise PromptError(f"{where}: {e}") from None
 
 
 def read_jsonl(path: str) -> list[tuple[dict[str, Any], str]]:
   """(record, "path:line") pairs of a JSONL file; blank lines are skipped,
   a line that is not a JSON object raises naming file and line."""
   out = []
-  with open(path, encoding="utf-8") as f:
-    for i, line in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    for i, raw in enumerate(f, start=1):
+      where = f"{path}:{i}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise PromptError(f"{where}: byte {raw[e.start]:#04x} at column "
+                          f"{e.start + 1} is not UTF-8") from None
       if not line.strip():
         continue
-      where = f"{path}:{i}"
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+        raise PromptError(f"{where}: not valid JSON ({e.msg})") from None
       if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got "
+        raise PromptError(f"{where}: expected a JSON object, got "
                          f"{type(record).__name__}")
       out.append((record, where))
   return out

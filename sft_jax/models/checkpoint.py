@@ -158,6 +158,9 @@ def load_hf(path_or_hub_id: str, *, dtype=None, shardings=None,
     (ModelConfig, params) with params as in transformer.py.
   """
   local = resolve(path_or_hub_id)
+  # A truncated file or corrupt config.json: one line naming the file.
+  from sft_jax import preflight  # pylint: disable=g-import-not-at-top
+  preflight.check_model_dir(local, key=path_or_hub_id)
   config_path = os.path.join(local, "config.json")
   try:
     with open(config_path) as f:

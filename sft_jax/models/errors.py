@@ -1,9 +1,12 @@
 """Errors raised while reading or writing checkpoints; each message names the
 file (and tensor) at fault."""
 
+from sft_jax import errors
 
-class CheckpointError(ValueError):
+
+class CheckpointError(errors.UserError, ValueError):
   """A checkpoint cannot be loaded or saved as asked."""
+  what = "model"
 
 
 class UnsupportedModelError(CheckpointError):

@@ -50,6 +50,17 @@ def _parser() -> argparse.ArgumentParser:
                  help="multi-host: this process's index in [0, N)")
   p.add_argument("--no-progress", action="store_true",
                  help="no console progress bar (log lines instead)")
+  p.add_argument("--allow-resume-change", action="store_true",
+                 help="resume even though the base model, tokenizer, chat "
+                      "template or architecture differ from the run's start "
+                      "(refused otherwise: it would silently continue "
+                      "another run)")
+  p.add_argument("--schedule-on-resume", choices=("keep", "stretch"),
+                 default=None,
+                 help="when a resume raises train.steps: `keep` continues the "
+                      "original learning-rate schedule (past its end the lr "
+                      "stays at its final value); `stretch` recomputes it "
+                      "over the new length (the lr jumps). Required then.")
   return p
 
 
@@ -69,13 +80,17 @@ def main(argv=None) -> int:
   distributed.initialize(args.coordinator, args.num_processes,
                          args.process_id)
 
+  # Every value is checked before anything is loaded or written.
+  cfg = config_lib.load_config(args.config, overrides)
+  from sft_jax import errors  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import validate  # pylint: disable=g-import-not-at-top
+  validate.validate(cfg)
+  errors.check_writable_dir(args.workdir)
+
   from sft_jax.train import loop  # pylint: disable=g-import-not-at-top
   from sft_jax.train import distill  # pylint: disable=g-import-not-at-top
-  try:
-    cfg = config_lib.load_config(args.config, overrides)
-    distill.check_config(cfg)
-  except config_lib.ConfigError as e:
-    print(f"sft-jax train: {e}", file=sys.stderr)
-    return 2
-  result = loop.train(cfg, args.workdir, progress=not args.no_progress)
+  distill.check_config(cfg)
+  result = loop.train(cfg, args.workdir, progress=not args.no_progress,
+                      resume_change=args.allow_resume_change,
+                      schedule_on_resume=args.schedule_on_resume)
   return result.exit_code

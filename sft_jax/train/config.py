@@ -22,14 +22,17 @@ from typing import Any, Sequence
 
 from ml_collections import config_dict
 
+from sft_jax import errors
+
 ConfigDict = config_dict.ConfigDict
 
 # The repository root: `configs/...` resolves here when not found from cwd.
 _REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config file, knob or override is wrong; the message names the key."""
+  what = "config"
 
 
 def parse_arg(arg: str | None, **defaults) -> types.SimpleNamespace:
@@ -65,8 +68,27 @@ def import_file(path) -> types.ModuleType:
   module_spec = importlib.util.spec_from_file_location(
       f"_sft_jax_config_{file.stem}", file)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"{e.filename}:{e.lineno}: syntax error: {e.msg}"
+                      ) from None
+  except (ConfigError, errors.UserError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f"{_user_frame(e, file)}: importing the config raised "
+                      f"{type(e).__name__}: {e}") from None
   return module
+
+
+def _user_frame(exc: BaseException, file) -> str:
+  """`file:line` of the innermost traceback frame inside the config file."""
+  import traceback  # pylint: disable=g-import-not-at-top
+  place = str(file)
+  for frame in traceback.extract_tb(exc.__traceback__):
+    if os.path.abspath(frame.filename) == os.path.abspath(str(file)):
+      place = f"{frame.filename}:{frame.lineno}"
+  return place
 
 
 def get_config_from_file(spec: str) -> ConfigDict:
@@ -76,7 +98,13 @@ def get_config_from_file(spec: str) -> ConfigDict:
   module = import_file(file)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{file}: no get_config(arg) function")
-  cfg = module.get_config(arg or None)
+  try:
+    cfg = module.get_config(arg or None)
+  except (ConfigError, errors.UserError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f"{_user_frame(e, file)}: get_config raised "
+                      f"{type(e).__name__}: {e}") from None
   if not isinstance(cfg, ConfigDict):
     raise ConfigError(f"{file}: get_config returned {type(cfg).__name__}, "
                       "expected ml_collections.ConfigDict")

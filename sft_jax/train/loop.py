@@ -16,7 +16,6 @@ which the resolved config records.
 """
 
 import dataclasses
-import json
 import os
 import signal
 import sys
@@ -29,6 +28,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_dict
 
 from sft_jax import data
+from sft_jax import errors
 from sft_jax import models
 from sft_jax.train import checkpoint as checkpoint_lib
 from sft_jax.train import config as config_lib
@@ -37,17 +37,19 @@ from sft_jax.train import epochs as epochs_lib
 from sft_jax.train import evaluate
 from sft_jax.train import flops
 from sft_jax.train import metrics_writer
+from sft_jax.train import resume as resume_lib
 from sft_jax.train import sharding
 from sft_jax.train import model_setup
 from sft_jax.train import step as step_lib
 
-EXIT_OK, EXIT_NONFINITE = 0, 3
+EXIT_OK, EXIT_NONFINITE = errors.EXIT_OK, errors.EXIT_NONFINITE
+EXIT_PREEMPTED = errors.EXIT_PREEMPTED
 
 
 @dataclasses.dataclass
 class TrainResult:
   """How a `train` call ended."""
-  exit_code: int  # 0: finished / early-stopped / preempted and saved.
+  exit_code: int  # 0 finished / early-stopped; 75 preempted (saved); 3.
   step: int  # The last step whose update was applied and verified.
   reason: str  # "finished" | "early_stopped" | "preempted" | "nonfinite"
   metrics: dict  # The last logged train (and eval) scalars.
@@ -70,26 +72,37 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 
 class _Preemption:
-  """Notices SIGTERM: a flag on one process; JAX's sync point on several.
+  """Notices SIGTERM and SIGINT (Ctrl-C): a flag on one process; JAX's sync
+  point on several.
 
-  With several processes every one must stop at the same step, so the
-  decision comes from `reached_preemption_sync_point`, which JAX's
-  distributed runtime drives from the signal itself.
+  The step in flight finishes, is checkpointed, and the run exits with
+  EXIT_PREEMPTED; a second SIGINT exits at once (what is already committed
+  stays). With several processes every one must stop at the same step, so
+  the decision comes from `reached_preemption_sync_point`, which JAX's
+  distributed runtime drives from SIGTERM itself.
   """
 
   def __init__(self):
     self._flag = False
     self._multi = jax.process_count() > 1
-    self._previous = None
+    self._previous = {}
     # Signal handlers can only be set from the main thread; a loop run from
-    # another thread leaves SIGTERM to its caller.
+    # another thread leaves the signals to its caller.
     main_thread = threading.current_thread() is threading.main_thread()
-    if not self._multi and main_thread:
-      self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+    # Several processes must agree on the step: there only JAX's SIGTERM
+    # sync point decides (a Ctrl-C stays a KeyboardInterrupt).
+    if main_thread and not self._multi:
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        self._previous[signum] = signal.signal(signum, self._on_signal)
 
   def _on_signal(self, signum, frame):
-    del signum, frame
+    del frame
+    if signum == signal.SIGINT and self._flag:
+      raise KeyboardInterrupt  # The second Ctrl-C: no waiting for a save.
     self._flag = True
+    if signum == signal.SIGINT:
+      print("\nCtrl-C: saving a checkpoint after this step, then exiting "
+            "(Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
 
   def reached(self, step: int) -> bool:
     if self._multi:
@@ -97,9 +110,9 @@ class _Preemption:
     return self._flag
 
   def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
 
 class _Progress:
@@ -109,14 +122,17 @@ class _Progress:
                log_every: int):
     self._bar = None
     self._enabled, self._log_every = enabled, max(1, log_every)
-    if enabled and bar:
-      import tqdm  # pylint: disable=g-import-not-at-top
-      self._bar = tqdm.tqdm(total=total, initial=start, unit="step",
-                            dynamic_ncols=True, mininterval=0.5)
+    # The bar appears with the first step, so nothing before it (loading,
+    # or an error while loading) is interleaved with an empty bar.
+    self._want_bar, self._total, self._start = enabled and bar, total, start
 
   def update(self, step: int, scalars: dict) -> None:
     if not self._enabled:
       return
+    if self._want_bar and self._bar is None:
+      import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm.tqdm(total=self._total, initial=self._start,
+                            unit="step", dynamic_ncols=True, mininterval=0.5)
     if self._bar is not None:
       self._bar.update(step - self._bar.n)
       self._bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
@@ -223,23 +239,18 @@ def _load_tokenizer(cfg, workdir: str, resuming: bool):
   return data.load_tokenizer(path, cfg.data.chat_template or None)
 
 
-def _check_resume_config(cfg, workdir: str, progress: _Progress) -> None:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    old = config_lib.flatten_config(config_dict.ConfigDict(json.load(f)))
-  new = config_lib.flatten_config(cfg)
-  changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-  for key in changed:
-    progress.write(f"  config {key}: {old.get(key)!r} -> {new.get(key)!r}")
-
-
 def train(cfg: config_dict.ConfigDict, workdir: str, *,
-          progress: bool = True) -> TrainResult:
-  """Trains (or resumes) the run in `workdir`; see the module docstring."""
+          progress: bool = True, resume_change: bool = False,
+          schedule_on_resume: str | None = None) -> TrainResult:
+  """Trains (or resumes) the run in `workdir`; see the module docstring.
+
+  resume_change: resume even if the base model, tokenizer or architecture
+    differ from the run's start (see resume.py); schedule_on_resume: "keep"
+    or "stretch" when a resume changes train.steps.
+  """
   is_main = jax.process_index() == 0
   workdir = os.path.abspath(workdir)
+  errors.check_writable_dir(workdir)
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
@@ -266,7 +277,12 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
   if resume_step is not None:
     bar.write(f"Resuming from the checkpoint of step {resume_step} in "
               f"{ckpt.directory}")
-    _check_resume_config(cfg, workdir, bar)
+    try:
+      resume_lib.check(cfg, workdir, resume_step, allow_change=resume_change,
+                       schedule_choice=schedule_on_resume, write=bar.write)
+    except errors.UserError:
+      ckpt.close()
+      raise
 
   tok = _load_tokenizer(cfg, workdir, resume_step is not None)
   tok_dir = os.path.join(workdir, "tokenizer")
@@ -280,6 +296,9 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
   model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
   if distill.enabled(cfg) and not distill.is_offline(cfg):
     variables["teacher"] = distill.load_teacher(cfg, mesh)
+  if is_main and resume_step is None:
+    # After loading, so a hub model is in the local cache and gets hashed.
+    resume_lib.record_identity(cfg, workdir)
   state, state_shardings = step_lib.init_train_state(cfg, model_cfg, variables,
                                                      mesh)
   del variables
@@ -312,7 +331,15 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
     # Drop the fresh arrays before reading the saved ones into their place.
     state = state.replace(trainable=None, opt_state=None)
     del part
-    restored, host_state = ckpt.restore(resume_step, target)
+    try:
+      restored, host_state = ckpt.restore(resume_step, target)
+    except (ValueError, KeyError, TypeError) as e:
+      ckpt.close()
+      raise errors.ResumeError(
+          f"{ckpt.directory}/{resume_step}: the checkpoint does not fit the "
+          f"configured model ({type(e).__name__}: {str(e).splitlines()[0]}"
+          "); resume with the config the run was started with, or use a new "
+          "--workdir") from e
     state = state.replace(**restored)
     batches.set_state(host_state["iterator"])
     seen.load_state_dict(host_state.get("examples_seen"))
@@ -425,8 +452,9 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
               f"train/loss {host.last['train/loss']:.4f}; run directory "
               f"{workdir}")
   if reason == "preempted":
-    print(f"Preempted: saved step {step}; rerun the same command to resume.",
-          file=sys.stderr, flush=True)
+    exit_code = EXIT_PREEMPTED
+    print(f"Preempted: saved step {step}; rerun the same command to resume "
+          f"(exit code {EXIT_PREEMPTED}).", file=sys.stderr, flush=True)
   elif reason == "early_stopped":
     print(f"Early stop at step {step}: {cfg.eval.early_stop_metric} has not "
           f"improved for {early.patience} evaluations (best "

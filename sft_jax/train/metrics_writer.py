@@ -43,8 +43,9 @@ class MetricsWriter:
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self.tb_dir = os.path.join(workdir, "tb")
     os.makedirs(self.tb_dir, exist_ok=True)
-    if resume_step > 0:
-      _truncate_jsonl(self.jsonl_path, resume_step)
+    # Also from step 0: a start interrupted before its first checkpoint left
+    # records that this process writes again, and a step is logged once.
+    _truncate_jsonl(self.jsonl_path, resume_step)
     self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
     self._events = event_file_writer.EventFileWriter(self.tb_dir)
     # Every process start is a session start; TensorBoard treats each one
@@ -106,7 +107,8 @@ def _hparam_value(value):
 
 
 def _truncate_jsonl(path: str, last_step: int) -> None:
-  """Keeps only records with step <= last_step (and a complete last line)."""
+  """Keeps only records with step <= last_step (and a complete last line);
+  from last_step 0 (a fresh start, which logs step 0 itself) none."""
   if not os.path.exists(path):
     return
   kept = []
@@ -116,7 +118,7 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
         record = json.loads(line)
       except json.JSONDecodeError:
         continue  # A line cut short by the kill that interrupted the run.
-      if record.get("step", 0) <= last_step:
+      if last_step > 0 and record.get("step", 0) <= last_step:
         kept.append(json.dumps(record) + "\n")
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:

@@ -20,6 +20,7 @@ import jax
 from ml_collections import config_dict
 
 from sft_jax import data
+from sft_jax import errors
 from sft_jax.train import checkpoint as checkpoint_lib
 from sft_jax.train import config as config_lib
 from sft_jax.train import freeze
@@ -58,8 +59,9 @@ def checkpoint_steps(run_dir: str) -> list[int]:
   """The steps of the complete checkpoints of `run_dir`, ascending."""
   directory = os.path.join(run_dir, "checkpoints")
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{run_dir}: not a run directory (no "
-                            "checkpoints/ folder)")
+    raise errors.WorkdirError(f"{run_dir}: not a run directory (no "
+                              "checkpoints/ folder); give a --workdir of "
+                              "`sft-jax train`")
   ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
   try:
     return ckpt.all_steps()
@@ -80,12 +82,14 @@ def load_run(run_dir: str, step: int | None = None, *,
   directory = os.path.join(run_dir, "checkpoints")
   steps = checkpoint_steps(run_dir)
   if not steps:
-    raise FileNotFoundError(f"{directory}: no complete checkpoint")
+    raise errors.WorkdirError(
+        f"{directory}: no complete checkpoint yet; train first (a run saves "
+        "every checkpoint.every_steps and at its end)")
   if step is None:
     step = steps[-1]
   elif step not in steps:
-    raise ValueError(f"{directory}: no checkpoint of step {step}; have "
-                     f"{steps}")
+    raise errors.WorkdirError(f"{directory}: no checkpoint of step {step}; "
+                              f"have {steps} (--step)")
   ckpt = checkpoint_lib.Checkpointer(directory, read_only=True)
   try:
     cfg = config_lib.config_from_dict(ckpt.restore_config(step))

@@ -153,8 +153,9 @@ def _wd_mask_fn(exclude: str) -> Callable[[dict], dict]:
 
 
 def make_optimizer(cfg: config_dict.ConfigDict) -> optax.GradientTransformation:
-  return optim.make_optimizer(cfg.optim, cfg.train.steps,
-                              _wd_mask_fn(cfg.optim.wd_exclude))
+  return optim.make_optimizer(
+      cfg.optim, cfg.optim.schedule_steps or cfg.train.steps,
+      _wd_mask_fn(cfg.optim.wd_exclude))
 
 
 def init_train_state(cfg: config_dict.ConfigDict,

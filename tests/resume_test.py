@@ -1,0 +1,147 @@
+"""Resume refuses what would silently continue another run (sft_jax/train/
+resume.py), through the `sft-jax train` dispatcher, in process.
+
+One short LoRA run on a tiny pretrained base; then each refused resume is a
+single line and exit code 2 before anything is loaded, and the run is left as
+it was; a longer `train.steps` needs an explicit schedule choice, and `keep`
+continues the original learning-rate schedule exactly.
+"""
+
+import json
+import shutil
+
+import pytest
+
+import tiny_hf
+import tiny_tok
+from sft_jax import cli
+from sft_jax import errors
+
+_STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  d = tmp_path_factory.mktemp("resume")
+  tiny_tok.make_tokenizer(d / "tok")
+  tiny_tok.make_tokenizer(d / "tok_other", chat_template=tiny_tok.LLAMA3)
+  # Two bases of the same shapes (the tiny config's), different weights.
+  for name, seed in (("base", 0), ("other_base", 1)):
+    tiny_hf.make_tiny_hf("qwen2", d / name, seed=seed, vocab_size=320,
+                         hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=512)
+  with open(d / "train.jsonl", "w") as f:
+    for i in range(40):
+      f.write(json.dumps({"messages": [
+          {"role": "user", "content": f"count to {i % 7}"},
+          {"role": "assistant",
+           "content": " ".join(map(str, range(1 + i % 7)))}
+      ]}) + "\n")
+  workdir = d / "run"
+  rc = cli.main(_argv(d, workdir))
+  assert rc == 0
+  return d, workdir
+
+
+def _argv(d, workdir, *extra, base="base", tok="tok", steps=_STEPS):
+  return ["train", "--config",
+          f"configs/tiny.py:model={d / base},data={d / 'train.jsonl'},"
+          f"tokenizer={d / tok},method=lora,steps={steps}",
+          "--workdir", str(workdir), "--no-progress",
+          "--config.log.every_steps=1", "--config.checkpoint.every_steps=0",
+          "--config.checkpoint.async_save=false", *extra]
+
+
+def _refused(capsys, argv, *needles):
+  rc = cli.main(argv)
+  out, err = capsys.readouterr()
+  assert rc == errors.EXIT_USAGE, (out[-2000:], err[-2000:])
+  assert "Traceback" not in err
+  line = err.strip().splitlines()[-1]
+  assert line.startswith("sft-jax train: resume: "), err
+  for needle in needles:
+    assert needle in line, line
+  return line
+
+
+def _lr_by_step(workdir):
+  out = {}
+  for line in open(workdir / "metrics.jsonl"):
+    r = json.loads(line)
+    if "train/lr" in r:
+      assert r["step"] not in out, f"step {r['step']} logged twice"
+      out[r["step"]] = r["train/lr"]
+  return out
+
+
+def test_refuses_another_base_tokenizer_or_lora_shape(run, capsys):
+  d, workdir = run
+  before = (workdir / "metrics.jsonl").read_text()
+  more = dict(steps=_STEPS + 2)  # a resume that would train
+  keep = ("--schedule-on-resume", "keep")
+  _refused(capsys, _argv(d, workdir, *keep, base="other_base", **more),
+           f"model.path was '{d / 'base'}', now '{d / 'other_base'}'",
+           "--allow-resume-change")
+  _refused(capsys, _argv(d, workdir, *keep, tok="tok_other", **more),
+           "data.tokenizer was")
+  _refused(capsys, _argv(d, workdir, *keep, "--config.method.lora.rank=8",
+                         **more),
+           "method.lora.rank was 4, now 8")
+  # The same path with other weights in it (a re-download, a new revision).
+  moved = d / "base_moved"
+  shutil.copytree(d / "base", moved)
+  try:
+    shutil.copy(d / "other_base" / "model.safetensors",
+                d / "base" / "model.safetensors")
+    _refused(capsys, _argv(d, workdir, *keep, **more),
+             "the base model's content changed")
+  finally:
+    shutil.copy(moved / "model.safetensors", d / "base" / "model.safetensors")
+  assert (workdir / "metrics.jsonl").read_text() == before
+  # The same content under another path is the same base: no refusal.
+  from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import resume  # pylint: disable=g-import-not-at-top
+  argv = _argv(d, workdir, base="base_moved")
+  cfg = config_lib.load_config(argv[2], argv[6:])
+  lines = []
+  resume.check(cfg, str(workdir), _STEPS, allow_change=False,
+               schedule_choice=None, write=lines.append)
+  assert lines == [f"  config model.path: '{d / 'base'}' -> "
+                   f"'{d / 'base_moved'}'"]
+
+
+def test_longer_steps_need_an_explicit_schedule_choice(run, capsys):
+  from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import optim  # pylint: disable=g-import-not-at-top
+  d, workdir = run
+  cfg = config_lib.load_config(
+      f"configs/tiny.py:method=lora,steps={_STEPS}")
+  old = optim.schedule(cfg.optim, _STEPS)
+  new = optim.schedule(cfg.optim, _STEPS + 2)
+  line = _refused(capsys, _argv(d, workdir, steps=_STEPS + 2),
+                  f"train.steps: was {_STEPS}, now {_STEPS + 2}",
+                  "--schedule-on-resume keep")
+  assert f"lr at step {_STEPS}: {float(old(_STEPS)):.3e}" in line
+  assert f"stretched {float(new(_STEPS)):.3e}" in line
+
+  # `keep`: the steps past the original length follow the original schedule.
+  logged = _lr_by_step(workdir)
+  # The lr logged at step s is the schedule's value at s - 1 (the update of
+  # step s is the (s-1)-th of the optimizer).
+  for s in range(1, _STEPS + 1):
+    assert logged[s] == pytest.approx(float(old(s - 1)), rel=1e-6)
+  kept = d / "kept"
+  shutil.copytree(workdir, kept)
+  rc = cli.main(_argv(d, kept, "--schedule-on-resume", "keep",
+                      steps=_STEPS + 2))
+  out = capsys.readouterr().out
+  assert rc == 0
+  assert f"schedule kept: lr at step {_STEPS} {float(old(_STEPS)):.3e}" in out
+  logged = _lr_by_step(kept)
+  assert sorted(logged) == list(range(1, _STEPS + 3))
+  for s in range(_STEPS + 1, _STEPS + 3):
+    assert logged[s] == pytest.approx(float(old(s - 1)), rel=1e-6, abs=1e-12)
+  saved = json.loads((kept / "config.json").read_text())
+  assert saved["optim"]["schedule_steps"] == _STEPS
