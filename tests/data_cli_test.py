@@ -92,7 +92,9 @@ def test_inspect_on_files(files, capsys):
                  "--cache-dir", str(d / "cache"), "--color", "never"])
   assert rc == 0
   out = capsys.readouterr().out
-  assert "examples: 3 kept, 0 truncated, 0 split into rows, 2 dropped" in out
+  assert ("records: 3 kept, 2 dropped; examples: 3 kept, 0 truncated, 0 "
+          "split into rows") in out
+  assert "masks: 3 prefix-stable\n" in out
   assert "malformed_json: 1\n" in out and "no_assistant_turn: 1\n" in out
   assert f"      {d}/train.jsonl:4: the conversation has no reply" in out
   # Token-length percentiles and the supervised fraction of the train set,
