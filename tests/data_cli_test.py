@@ -265,3 +265,20 @@ def test_inspect_reports_generation_marker_disagreements(tmp_path, capsys):
                    "--data", str(data), "--out", str(tmp_path / "o.jsonl"),
                    "--strict"]) == 1
   assert f"{data}:1: the chat template's" in capsys.readouterr().err
+
+
+def test_inspect_counts_reasoning_a_template_does_not_render(tmp_path, capsys):
+  import real_templates  # pylint: disable=g-import-not-at-top
+  tok = real_templates.tokenizer("deepseek-ai/DeepSeek-R1-Distill-Llama-8B")
+  tok.save_pretrained(str(tmp_path / "r1"))
+  data = tmp_path / "r.jsonl"
+  data.write_text(json.dumps({"messages": [
+      {"role": "user", "content": "Two plus two?"},
+      {"role": "assistant", "content": "Four.",
+       "reasoning_content": "Add them."}]}) + "\n")
+  assert cli.main(["data", "inspect", "--tokenizer", str(tmp_path / "r1"),
+                   "--data", str(data), "--examples", "0",
+                   "--cache-dir", str(tmp_path / "cache")]) == 0
+  text = capsys.readouterr().out
+  assert "1 turns carry reasoning the template does not render" in text
+  assert "masks: 0 prefix-stable, 1 split per turn into 1 examples" in text

@@ -264,6 +264,10 @@ def _inspect(args, overrides) -> int:
       if log.appended_eos:
         print(f"    {log.appended_eos} turns ended by an appended EOS (the "
               "template writes no end-of-turn token after the last reply)")
+      if log.reasoning_lost:
+        print(f"    {log.reasoning_lost} turns carry reasoning the template "
+              "does not render: it is not trained (DeepSeek-R1 and QwQ drop "
+              "it from every reply)")
       if log.first_disagreement:
         print("    generation markers disagree with the rule (the rule is "
               f"used); first at {log.first_disagreement}")

@@ -105,6 +105,7 @@ class RenderLog:
   split: int = 0  # chats split because the template rewrote history
   split_examples: int = 0  # examples made by split chats
   appended_eos: int = 0  # turns ended by an EOS the template never writes
+  reasoning_lost: int = 0  # turns whose reasoning the template did not render
   markers_checked: int = 0  # chats whose generation markers were compared
   markers_disagree: int = 0  # ... and disagreed with the rule
   first_disagreement: str = ""  # "place: token k (...): both readings"
@@ -117,6 +118,7 @@ class RenderLog:
       self.split += 1
       self.split_examples += len(encoded.examples)
     self.appended_eos += encoded.appended_eos
+    self.reasoning_lost += encoded.reasoning_lost
     if encoded.markers is not None:
       self.markers_checked += 1
       if encoded.markers:

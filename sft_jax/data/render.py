@@ -102,6 +102,7 @@ class Encoded:
   # Generation markers: None not checked, "" agree, else how they disagree.
   markers: str | None = None
   appended_eos: int = 0  # turns ended by an EOS the template never writes
+  reasoning_lost: int = 0  # turns whose reasoning the template did not render
 
 
 class Encoder:
@@ -128,14 +129,15 @@ class Encoder:
 
   def _plan(self, ex: Example):
     """([(text, add_special_tokens, spans or None for all, add_eos)],
-    record info: (split, appended EOS count, markers check or None))."""
+    record info: (split, appended EOS count, turns whose reasoning was not
+    rendered, markers check or None))."""
     if ex.kind == "text":
-      return [(ex.text, True, None, True)], (False, 0, None)
+      return [(ex.text, True, None, True)], (False, 0, 0, None)
     if ex.kind == "prompt_completion" and not (self.template and
                                                self.prompt_as_user_turn):
       text = ex.prompt + ex.completion
       return [(text, True, [(len(ex.prompt), len(text))], True)], (
-          False, 0, None)
+          False, 0, 0, None)
     if not self.template:
       raise DataError("chat data needs a chat template, and the tokenizer has "
                       "none: set data.chat_template")
@@ -154,7 +156,8 @@ class Encoder:
         all(t.stable for t in plan.turns)):
       check = (plan.full_index, messages, ex.tools)
     appended = sum(t.appended_eos for t in plan.turns)
-    return pieces, (plan.split, appended, check)
+    lost = sum(t.reasoning_lost for t in plan.turns)
+    return pieces, (plan.split, appended, lost, check)
 
   def _finish(self, piece, ids, offsets):
     _, _, spans, add_eos = piece
@@ -202,7 +205,7 @@ class Encoder:
       for (k, j, piece), ids, offsets in zip(group, enc["input_ids"],
                                              enc["offset_mapping"]):
         done[k, j] = (piece, ids, offsets)
-    for k, (pieces, (split, appended, check)) in plans:
+    for k, (pieces, (split, appended, lost, check)) in plans:
       try:
         examples_k = [self._finish(*done[k, j]) for j in range(len(pieces))]
         markers = None
@@ -210,7 +213,7 @@ class Encoder:
           j = check[0]
           markers = self._check_markers(check[1], check[2], done[k, j][1],
                                         done[k, j][2], examples_k[j][1])
-        out[k] = Encoded(examples_k, split, markers, appended)
+        out[k] = Encoded(examples_k, split, markers, appended, lost)
       except (RecordError, DataError) as e:
         out[k] = e
     return out
