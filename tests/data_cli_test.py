@@ -92,7 +92,9 @@ def test_inspect_on_files(files, capsys):
                  "--cache-dir", str(d / "cache"), "--color", "never"])
   assert rc == 0
   out = capsys.readouterr().out
-  assert "examples: 3 kept, 0 truncated, 0 split into rows, 2 dropped" in out
+  assert ("records: 3 kept, 2 dropped; examples: 3 kept, 0 truncated, 0 "
+          "split into rows") in out
+  assert "masks: 3 prefix-stable\n" in out
   assert "malformed_json: 1\n" in out and "no_assistant_turn: 1\n" in out
   assert f"      {d}/train.jsonl:4: the conversation has no reply" in out
   # Token-length percentiles and the supervised fraction of the train set,
@@ -179,3 +181,104 @@ def test_dump_splits_long_text_into_rows(files, tmp_path, capsys):
   # Rows overlap by one token: their targets tile the document.
   assert sum((r[1:] for r in rows), []) == full[1:]
   assert "1 split into rows" in capsys.readouterr().out
+
+
+def _qwen3(tmp_path):
+  import real_templates  # pylint: disable=g-import-not-at-top
+  tok = real_templates.tokenizer("Qwen/Qwen3-0.6B")
+  tok.save_pretrained(str(tmp_path / "qwen3"))
+  return tok, str(tmp_path / "qwen3")
+
+
+def test_dump_and_inspect_report_split_conversations(tmp_path, capsys):
+  tok, tok_dir = _qwen3(tmp_path)
+  chats = [CHATS[1], CHATS[0]]  # multi-turn: Qwen3 rewrites its history
+  data = tmp_path / "q.jsonl"
+  data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
+  out = tmp_path / "q_dump.jsonl"
+  assert cli.main(["data", "dump", "--tokenizer", tok_dir, "--data",
+                   str(data), "--out", str(out)]) == 0
+  rows = [json.loads(l) for l in out.read_text().splitlines()]
+  sup = [tok.decode(np.asarray(r["input_ids"])[np.asarray(r["loss_mask"]) > 0])
+         for r in rows]
+  assert sup == ["<think>\n\n</think>\n\nJumps over the lazy dog.<|im_end|>",
+                 "<think>\n\n</think>\n\nI am fine, thank you.<|im_end|>",
+                 "<think>\n\n</think>\n\nIt is four.<|im_end|>"]
+  text = capsys.readouterr().out
+  assert "wrote 3 examples" in text
+  assert "masks: 1 prefix-stable, 1 split per turn into 2 examples" in text
+  # --history full keeps one sequence per conversation.
+  assert cli.main(["data", "dump", "--tokenizer", tok_dir, "--data",
+                   str(data), "--out", str(out), "--history", "full"]) == 0
+  assert len(out.read_text().splitlines()) == 2
+  assert "masks: 2 prefix-stable" in capsys.readouterr().out
+  # Template kwargs: no thinking, so the prompt carries the empty think block
+  # and the reply is the answer alone.
+  assert cli.main(["data", "dump", "--tokenizer", tok_dir, "--data",
+                   str(data), "--out", str(out), "--template-kwargs",
+                   '{"enable_thinking": false}']) == 0
+  rows = [json.loads(l) for l in out.read_text().splitlines()]
+  assert tok.decode(np.asarray(rows[-1]["input_ids"])[
+      np.asarray(rows[-1]["loss_mask"]) > 0]) == "It is four.<|im_end|>"
+  capsys.readouterr()
+  assert cli.main(["data", "inspect", "--tokenizer", tok_dir, "--data",
+                   str(data), "--examples", "0", "--seq-len", "128",
+                   "--cache-dir", str(tmp_path / "cache")]) == 0
+  text = capsys.readouterr().out
+  assert "records: 2 kept, 0 dropped; examples: 3 kept" in text
+  assert "masks: 1 prefix-stable, 1 split per turn into 2 examples" in text
+
+
+def test_a_source_with_no_examples_is_an_error(files, tmp_path, capsys):
+  d, _ = files
+  data = tmp_path / "none.jsonl"
+  data.write_text(json.dumps({"messages": [
+      {"role": "user", "content": "x"}]}) + "\n{\n")
+  out = tmp_path / "none_dump.jsonl"
+  rc = cli.main(["data", "dump", "--tokenizer", str(d / "tok"), "--data",
+                 str(data), "--out", str(out)])
+  err = capsys.readouterr().err
+  assert rc != 0 and not out.exists()
+  assert (f"yields 0 examples: every record was dropped (no_assistant_turn: 1 "
+          f"(e.g. {data}:1") in err and f"malformed_json: 1 (e.g. {data}:2" in err
+  rc = cli.main(["data", "inspect", "--tokenizer", str(d / "tok"), "--data",
+                 str(data), "--cache-dir", str(tmp_path / "cache")])
+  assert rc != 0 and "source 'none'" in capsys.readouterr().err
+
+
+def test_inspect_reports_generation_marker_disagreements(tmp_path, capsys):
+  bad = tiny_tok.CHATML_GEN.replace(
+      "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}",
+      "{% generation %}{{ m['content'] }}{% endgeneration %}{{ '<|im_end|>' }}")
+  tiny_tok.make_tokenizer(tmp_path / "tok", chat_template=bad)
+  data = tmp_path / "m.jsonl"
+  data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
+  assert cli.main(["data", "inspect", "--tokenizer", str(tmp_path / "tok"),
+                   "--data", str(data), "--examples", "0",
+                   "--cache-dir", str(tmp_path / "cache")]) == 0
+  text = capsys.readouterr().out
+  assert "generation markers checked on 2, disagree on 2" in text
+  assert re.search(rf"first at {data}:1: token \d+ \('<\|im_end\|>'\): "
+                   "generation markers say context, the rule says "
+                   "supervised", text)
+  assert cli.main(["data", "dump", "--tokenizer", str(tmp_path / "tok"),
+                   "--data", str(data), "--out", str(tmp_path / "o.jsonl"),
+                   "--strict"]) == 1
+  assert f"{data}:1: the chat template's" in capsys.readouterr().err
+
+
+def test_inspect_counts_reasoning_a_template_does_not_render(tmp_path, capsys):
+  import real_templates  # pylint: disable=g-import-not-at-top
+  tok = real_templates.tokenizer("deepseek-ai/DeepSeek-R1-Distill-Llama-8B")
+  tok.save_pretrained(str(tmp_path / "r1"))
+  data = tmp_path / "r.jsonl"
+  data.write_text(json.dumps({"messages": [
+      {"role": "user", "content": "Two plus two?"},
+      {"role": "assistant", "content": "Four.",
+       "reasoning_content": "Add them."}]}) + "\n")
+  assert cli.main(["data", "inspect", "--tokenizer", str(tmp_path / "r1"),
+                   "--data", str(data), "--examples", "0",
+                   "--cache-dir", str(tmp_path / "cache")]) == 0
+  text = capsys.readouterr().out
+  assert "1 turns carry reasoning the template does not render" in text
+  assert "masks: 0 prefix-stable, 1 split per turn into 1 examples" in text

@@ -82,15 +82,51 @@ def test_no_double_bos(template_tok):
     assert ids[0] == tok.bos_token_id
 
 
-def test_markers_disagreeing_with_prefix_rendering_fail_loudly():
-  # The markers leave the end-of-turn token out of the reply.
-  bad = tiny_tok.CHATML_GEN.replace(
+def test_markers_that_disagree_are_reported_and_the_rule_wins():
+  # SmolLM3-style markers that take in the assistant header, and markers that
+  # leave the end-of-turn token out: both readings are reported, the rule's
+  # mask is the one used (the same as with no markers at all).
+  header = tiny_tok.CHATML_GEN.replace(
+      "{{ '<|im_start|>' + m['role'] + '\n' }}\n", "").replace(
+      "{{ '<|im_start|>' + m['role'] + '\n' }}"
+      "{% if m['role'] == 'assistant' %}{% generation %}",
+      "{% if m['role'] == 'assistant' %}{% generation %}"
+      "{{ '<|im_start|>assistant\n' }}").replace(
+      "{% else %}{{ m['content']", "{% else %}{{ '<|im_start|>' + m['role'] "
+      "+ '\n' }}{{ m['content']")
+  short = tiny_tok.CHATML_GEN.replace(
       "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}",
       "{% generation %}{{ m['content'] }}{% endgeneration %}{{ '<|im_end|>' }}")
-  tok = tiny_tok.make_tokenizer(chat_template=bad)
-  with pytest.raises(DataError, match="generation.*disagree"):
-    render.Encoder(tok, bad, "assistant").encode(
-        Example("chat", messages=CHATS["single"]))
+  plain = tiny_tok.make_tokenizer()
+  want = render.Encoder(plain, tiny_tok.CHATML, "assistant").encode(
+      Example("chat", messages=CHATS["system_multi"]))
+  for bad, token, marked in ((header, "<|im_start|>", "supervised"),
+                             (short, "<|im_end|>", "context")):
+    tok = tiny_tok.make_tokenizer(chat_template=bad)
+    assert tok.apply_chat_template(CHATS["system_multi"], tokenize=False) == (
+        plain.apply_chat_template(CHATS["system_multi"], tokenize=False))
+    got = render.Encoder(tok, bad, "assistant").encode_all(
+        Example("chat", messages=CHATS["system_multi"]))
+    assert got.markers.startswith(
+        f"token {_first_diff(tok, got, token)} ({token!r}): generation "
+        f"markers say {marked}, the rule says "
+        f"{'context' if marked == 'supervised' else 'supervised'}")
+    np.testing.assert_array_equal(got.examples[0][0], want[0])
+    np.testing.assert_array_equal(got.examples[0][1], want[1])
+  # Markers that agree are checked and say so.
+  tok = tiny_tok.make_tokenizer(chat_template=tiny_tok.CHATML_GEN)
+  assert render.Encoder(tok, tok.chat_template, "assistant").encode_all(
+      Example("chat", messages=CHATS["system_multi"])).markers == ""
+
+
+def _first_diff(tok, got, token):
+  """Index of the first `token` in the first assistant turn's region."""
+  ids = got.examples[0][0].tolist()
+  tid = tok.convert_tokens_to_ids(token)
+  sup = np.flatnonzero(got.examples[0][1])
+  if token == "<|im_start|>":  # the header just before the first reply
+    return max(i for i, x in enumerate(ids[:sup[0]]) if x == tid)
+  return ids.index(tid, int(sup[0]))
 
 
 def test_template_refusing_input_is_a_record_error():
@@ -160,13 +196,33 @@ def test_masks_do_not_depend_on_trimmed_offsets():
   assert masks[0] == masks[1]
 
 
-def test_template_that_is_not_prefix_stable_is_a_record_error():
+def test_template_that_rewrites_history_splits_the_conversation():
   # Marks the final turn differently, so earlier renderings are rewritten.
   shifty = tiny_tok.CHATML.replace(
       "{{ '<|im_start|>' + m['role']",
       "{{ ('FINAL ' if loop.last else '') + '<|im_start|>' + m['role']")
   tok = tiny_tok.make_tokenizer(chat_template=shifty)
-  with pytest.raises(RecordError) as e:
+  chat = CHATS["system_multi"]
+  got = render.Encoder(tok, shifty, "assistant").encode_all(
+      Example("chat", messages=chat))
+  assert got.split and len(got.examples) == 2
+  for (ids, mask), k in zip(got.examples, (2, 4)):
+    # Each example is the turn's generation-time context, then the turn.
+    prompt = tok.apply_chat_template(chat[:k], add_generation_prompt=True,
+                                     tokenize=False)
+    n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert tok.decode(ids[:n]) == prompt and not mask[:n].any()
+    assert tok.decode(ids[n:]) == chat[k]["content"] + "<|im_end|>"
+    assert mask[n:].all()
+  with pytest.raises(ValueError, match="makes 2 examples"):
     render.Encoder(tok, shifty, "assistant").encode(
-        Example("chat", messages=CHATS["system_multi"]))
-  assert e.value.reason == "template_not_prefix_stable"
+        Example("chat", messages=chat))
+  # history="full": one sequence; the earlier reply where the full rendering
+  # has it.
+  got = render.Encoder(tok, shifty, "assistant", history="full").encode_all(
+      Example("chat", messages=chat))
+  assert not got.split and len(got.examples) == 1
+  ids, mask = got.examples[0]
+  assert ids.tolist() == tok.apply_chat_template(chat, return_dict=False)
+  assert tok.decode(ids[mask > 0]) == (
+      "I am fine, thank you.<|im_end|>It is four.<|im_end|>")

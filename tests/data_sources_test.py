@@ -217,5 +217,13 @@ def test_template_problem_stops_the_run_naming_the_record(tmp_path):
   path = tmp_path / "m.jsonl"
   path.write_text("\n" + json.dumps(GOOD) + "\n")
   c = _cfg(tmp_path, path)
+  # Markers that disagree with the mask rule are reported, and the rule wins;
+  # strict stops the run at the record.
+  src = data.prepare_source("s", c.sources.s, c, tok, seq_len=64)
+  assert len(src.keep) == 1 and src.tokenized.render.markers_disagree == 1
+  assert src.tokenized.render.first_disagreement.startswith(
+      f"{path}:2: token ")
+  c.strict = True
+  c.cache_dir = str(tmp_path / "cache_strict")
   with pytest.raises(data.DataError, match=rf"^{path}:2: .*disagree"):
     data.prepare_source("s", c.sources.s, c, tok, seq_len=64)

@@ -102,3 +102,46 @@ def test_read_jsonl_names_file_and_line(tmp_path):
   path.write_text('{"prompt": "a"}\n{"prompt": \n')
   with pytest.raises(ValueError, match=f"{path}:2: not valid JSON"):
     prompting.read_jsonl(str(path))
+
+
+def test_inference_prompts_are_the_trained_contexts_on_real_templates():
+  # Every supervised turn, split or not, follows exactly the ids generation
+  # starts from, with the same template kwargs (Qwen3 rewrites history, GLM
+  # ends turns with the next header, DeepSeek-R1 prompts with <think>).
+  import real_templates  # pylint: disable=g-import-not-at-top
+  messages = [{"role": "system", "content": "Answer briefly."},
+              {"role": "user", "content": "what is two plus two?"},
+              {"role": "assistant", "content": "It is four.",
+               "reasoning_content": "Two and two."},
+              {"role": "user", "content": "Hello, how are you?"},
+              {"role": "assistant", "content": "I am fine, thank you."}]
+  for name, kwargs in (("Qwen/Qwen3-0.6B", {}),
+                       ("Qwen/Qwen3-0.6B", {"enable_thinking": False}),
+                       ("zai-org/GLM-4.6", {}),
+                       ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", {}),
+                       ("meta-llama/Llama-3.1-8B-Instruct", {})):
+    tok = real_templates.tokenizer(name)
+    enc = render.Encoder(tok, tok.chat_template, "assistant",
+                         template_kwargs=kwargs)
+    examples = enc.encode_all(Example("chat", messages=messages)).examples
+    for k in (2, 4):
+      prompt = prompting.encode_prompt(tok, messages[:k],
+                                       template_kwargs=kwargs)
+      starts = [(ids, mask) for ids, mask in examples
+                if list(ids[:len(prompt)]) == prompt and
+                mask[len(prompt)] == 1 and mask[len(prompt) - 1] == 0]
+      assert len(starts) == 1, (name, kwargs, k)
+
+
+def test_template_kwargs_of_a_run(tmp_path):
+  from sft_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  c = data_config.default_config()
+  c.sources.a = data_config.source_config(
+      path="a.jsonl", chat_template_kwargs={"enable_thinking": False})
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"data": json.loads(c.to_json())}))
+  assert prompting.template_kwargs_of_run(str(tmp_path)) == {
+      "enable_thinking": False}
+  c.sources.b = data_config.source_config(path="b.jsonl")
+  assert prompting.template_kwargs_of_data(c.to_dict()) == {}

@@ -13,9 +13,11 @@ Public API:
   DataError                                   bad data or configuration
 
 Decisions:
-  - Masks come from rendering each conversation prefix by prefix (render.py),
-    so templates without {% generation %} markers get correct masks; with
-    markers both are computed and must agree (whitespace-only tokens aside).
+  - One mask rule (turns.py): a supervised turn is what the model generates
+    after render(turns[:k], add_generation_prompt=True), through its stop
+    token. Templates that rewrite history give each rewritten turn its own
+    example (history="split"). {% generation %} markers are cross-checked;
+    a disagreement is reported and the rule wins (strict: it stops the run).
   - prompt_completion with a chat template renders the prompt as a user turn
     and the completion as the reply (source key prompt_as_user_turn=False:
     plain concatenation, tokenizer BOS, completion + EOS supervised). Raw text

@@ -24,9 +24,9 @@ import numpy as np
 from sft_jax.data import formats
 from sft_jax.data import render
 from sft_jax.data import sources
-from sft_jax.data.errors import DataError, DropLog, RecordError
+from sft_jax.data.errors import DataError, DropLog, RecordError, RenderLog
 
-_VERSION = 1  # bump when the encoding rules change
+_VERSION = 2  # bump when the encoding rules change
 
 
 @dataclasses.dataclass
@@ -41,6 +41,7 @@ class TokenizedSource:
   fmt: str  # the format records were read as
   drops: DropLog  # records rejected while tokenizing
   cache_path: str
+  render: RenderLog = dataclasses.field(default_factory=RenderLog)
 
   def __len__(self) -> int:
     return len(self.offsets) - 1
@@ -66,8 +67,20 @@ def cache_key(src, tok, template: str | None) -> str:
       tokenizer=render.tokenizer_fingerprint(tok), template=template,
       format=src.format, fields=fields, mask=src.mask,
       prompt_as_user_turn=src.prompt_as_user_turn,
+      template_kwargs=template_kwargs(src), history=src.history,
       max_records=src.max_records), sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def template_kwargs(src) -> dict:
+  """The source's chat_template_kwargs as a plain dict."""
+  kwargs = src.chat_template_kwargs
+  return dict(kwargs.to_dict() if hasattr(kwargs, "to_dict") else kwargs)
+
+
+def make_encoder(tok, template, src) -> render.Encoder:
+  return render.Encoder(tok, template, src.mask, src.prompt_as_user_turn,
+                        template_kwargs(src), src.history)
 
 
 def _split_where(where: str) -> tuple[str, str, int]:
@@ -80,31 +93,44 @@ _INLINE_CHUNKS = 16  # a source longer than this many chunks gets workers
 _WORKER_ENCODER = None  # set in each tokenizer worker process
 
 
-def _init_worker(tok, template, mask, prompt_as_user_turn):
+def _init_worker(tok, template, src):
   global _WORKER_ENCODER
-  _WORKER_ENCODER = render.Encoder(tok, template, mask, prompt_as_user_turn)
+  _WORKER_ENCODER = make_encoder(tok, template, src)
 
 
 def _encode_chunk(items, encoder=None):
-  """[(where, Example | RecordError)] -> [(where, (ids, mask) | RecordError)]."""
+  """[(where, Example | RecordError)] ->
+  [(where, (Encoded, is chat) | RecordError | DataError)]."""
   encoder = encoder or _WORKER_ENCODER
   results = iter(encoder.encode_batch(
       [x for _, x in items if not isinstance(x, RecordError)]))
-  return [(w, x if isinstance(x, RecordError) else next(results))
-          for w, x in items]
+  out = []
+  for w, x in items:
+    if isinstance(x, RecordError):
+      out.append((w, x))
+      continue
+    r = next(results)
+    chat = x.kind == "chat" or (x.kind == "prompt_completion" and
+                                encoder.template is not None and
+                                encoder.prompt_as_user_turn)
+    out.append((w, r if isinstance(r, Exception) else (r, chat)))
+  return out
 
 
 def encode_records(src, tok, template, *, strict: bool, drops: DropLog,
-                   workers: int = 1):
-  """Yields the detected format first, then (where, ids, mask) per kept record.
+                   workers: int = 1, log: RenderLog | None = None):
+  """Yields the detected format first, then (where, ids, mask) per example.
 
-  Rejected records are counted in `drops` (or raise DataError when strict, at
-  the first bad record in file order). Records are tokenized in chunks with
+  A record makes one example, or several when its template rewrites history
+  (counted in `log`, with generation-marker disagreements). Rejected records
+  are counted in `drops` (or raise DataError when strict, at the first bad
+  record in file order; so does a marker disagreement). Records are tokenized in chunks with
   one batched tokenizer call each; past the first few chunks (a large
   source), chunks go to `workers` spawned processes, in order.
   """
   fmt = [src.format]
-  encoder = render.Encoder(tok, template, src.mask, src.prompt_as_user_turn)
+  log = log if log is not None else RenderLog()
+  encoder = make_encoder(tok, template, src)
 
   def chunks():
     items = []
@@ -133,8 +159,7 @@ def encode_records(src, tok, template, *, strict: bool, drops: DropLog,
         import multiprocessing  # pylint: disable=g-import-not-at-top
         # spawn, not fork: the parent may hold JAX or tokenizer threads.
         with multiprocessing.get_context("spawn").Pool(
-            workers, _init_worker,
-            (tok, template, src.mask, src.prompt_as_user_turn)) as pool:
+            workers, _init_worker, (tok, template, src)) as pool:
           yield from pool.imap(_encode_chunk, itertools.chain([items], stream))
         return
       yield _encode_chunk(items, encoder)
@@ -153,7 +178,15 @@ def encode_records(src, tok, template, *, strict: bool, drops: DropLog,
           raise DataError(f"{where}: {result.reason}: {result.detail}")
         drops.add(result.reason, where, result.detail)
       else:
-        yield (where, *result)
+        encoded, chat = result
+        if strict and encoded.markers:
+          results.close()
+          raise DataError(
+              f"{where}: the chat template's {{% generation %}} markers "
+              f"disagree with the mask rule at {encoded.markers}")
+        log.add(where, encoded, chat)
+        for ids, mask in encoded.examples:
+          yield where, ids, mask
 
 
 def tokenize_source(name: str, src, tok, template: str | None, *,
@@ -168,17 +201,34 @@ def tokenize_source(name: str, src, tok, template: str | None, *,
   out = _load(name, path)
   if strict and out.drops.total:
     raise out.drops.first_error(f"source {name!r}")
+  if strict and out.render.markers_disagree:
+    raise DataError(f"source {name!r}: the chat template's {{% generation %}} "
+                    "markers disagree with the mask rule at "
+                    f"{out.render.first_disagreement}")
+  if not len(out):
+    raise DataError(no_examples_message(f"source {name!r} ({src.path})",
+                                        out.drops))
   return out
+
+
+def no_examples_message(what: str, drops: DropLog) -> str:
+  """A source that yields nothing is an error, never "wrote 0 examples"."""
+  reasons = "; ".join(
+      f"{reason}: {n} (e.g. {(drops.examples.get(reason) or ['?'])[0]})"
+      for reason, n in sorted(drops.counts.items(), key=lambda kv: -kv[1]))
+  return (f"{what} yields 0 examples"
+          + (f": every record was dropped ({reasons})" if reasons else
+             ": it has no records"))
 
 
 def _build(path, src, tok, template, *, strict, workers):
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
   try:
-    drops = DropLog()
+    drops, log = DropLog(), RenderLog()
     offsets, where_idx, files = [0], [], {}
     stream = encode_records(src, tok, template, strict=strict, drops=drops,
-                            workers=workers)
+                            workers=workers, log=log)
     fmt = next(stream)
     with open(os.path.join(tmp, "ids.bin"), "wb") as fi, open(
         os.path.join(tmp, "mask.bin"), "wb") as fm:
@@ -192,7 +242,8 @@ def _build(path, src, tok, template, *, strict, workers):
     np.save(os.path.join(tmp, "where.npy"),
             np.asarray(where_idx, np.int64).reshape(-1, 2))
     meta = dict(format=fmt, files=[list(f) for f in files],
-                drops=drops.to_json(), num_examples=len(offsets) - 1)
+                drops=drops.to_json(), num_examples=len(offsets) - 1,
+                render=log.to_json())
     with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
       json.dump(meta, f)
     try:
@@ -219,4 +270,5 @@ def _load(name, path) -> TokenizedSource:
       offsets=np.load(os.path.join(path, "offsets.npy")),
       where_idx=np.load(os.path.join(path, "where.npy")),
       files=[tuple(f) for f in meta["files"]], fmt=meta["format"],
-      drops=DropLog.from_json(meta["drops"]), cache_path=path)
+      drops=DropLog.from_json(meta["drops"]), cache_path=path,
+      render=RenderLog.from_json(meta["render"]))

@@ -15,7 +15,7 @@ from sft_jax.data import config as config_lib
 from sft_jax.data import doctor
 from sft_jax.data import pipeline
 from sft_jax.data import render
-from sft_jax.data.errors import DataError, DropLog
+from sft_jax.data.errors import DataError, DropLog, RenderLog
 
 
 def _add_source_args(p, data_help):
@@ -24,8 +24,9 @@ def _add_source_args(p, data_help):
                  help=data_help)
   p.add_argument("--format", default="auto", choices=config_lib.FORMATS,
                  metavar="FORMAT",
-                 help="auto | alpaca | messages | sharegpt | prompt_completion "
-                 "| text (default: auto, detected per source)")
+                 help="auto | alpaca | messages | sharegpt | xlam | "
+                 "prompt_completion | text (default: auto, detected per "
+                 "source)")
   p.add_argument("--mask", default="assistant",
                  choices=config_lib.MASK_POLICIES,
                  help="supervised tokens: every assistant turn, the last "
@@ -33,6 +34,15 @@ def _add_source_args(p, data_help):
   p.add_argument("--chat-template", default="", metavar="TEMPLATE",
                  help="Jinja template text or .jinja file replacing the "
                  "tokenizer's own")
+  p.add_argument("--template-kwargs", default="{}", metavar="JSON",
+                 help='keyword arguments for the chat template, e.g. '
+                 '\'{"enable_thinking": false}\' (default: none)')
+  p.add_argument("--history", default="split",
+                 choices=config_lib.HISTORY_MODES,
+                 help="a template that rewrites earlier turns: give each "
+                 "such turn its own example with its generation-time "
+                 "context (split), or keep the full rendering (default: "
+                 "split)")
   p.add_argument("--too-long", default="truncate",
                  choices=config_lib.TOO_LONG_POLICIES,
                  help="over-long examples: cut the prompt from the left "
@@ -111,11 +121,11 @@ def _dump(args) -> int:
   if not args.tokenizer or not args.data:
     raise DataError("dump needs --tokenizer and --data")
   tok = render.load_tokenizer(args.tokenizer, args.chat_template or None)
-  src = config_lib.source_config(path=",".join(args.data), format=args.format,
-                                 mask=args.mask)
-  drops = DropLog()
+  src = _source(",".join(args.data), args)
+  drops, log = DropLog(), RenderLog()
   stream = cache.encode_records(src, tok, render.chat_template(
-      config_lib.default_config(), tok), strict=args.strict, drops=drops)
+      config_lib.default_config(), tok), strict=args.strict, drops=drops,
+                                log=log)
   fmt = next(stream)
   kept = truncated = split = 0
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -143,10 +153,31 @@ def _dump(args) -> int:
         f.write(json.dumps({"input_ids": row_ids.tolist(),
                             "loss_mask": row_mask.tolist()}) + "\n")
       kept += 1
+  if not kept:
+    os.remove(args.out)
+    raise DataError(cache.no_examples_message(f"--data {','.join(args.data)}",
+                                              drops))
   print(f"format: {fmt}; wrote {kept} examples to {args.out} "
         f"({truncated} truncated, {split} split into rows)")
+  print(f"masks: {log.method}")
+  if log.first_disagreement:
+    print(f"  generation markers disagree (the rule is used), first at "
+          f"{log.first_disagreement}")
   print(drops.summary())
   return 0
+
+
+def _source(path, args):
+  """A source config from the command line's options."""
+  try:
+    kwargs = json.loads(args.template_kwargs)
+  except json.JSONDecodeError as e:
+    raise DataError(f"--template-kwargs: not valid JSON ({e.msg})") from None
+  if not isinstance(kwargs, dict):
+    raise DataError("--template-kwargs must be a JSON object")
+  return config_lib.source_config(path=path, format=args.format,
+                                  mask=args.mask, history=args.history,
+                                  chat_template_kwargs=kwargs)
 
 
 def _inspect_config(args, overrides):
@@ -173,8 +204,7 @@ def _inspect_config(args, overrides):
     for k, spec in enumerate(specs):
       stem = os.path.basename(spec.split(",")[0]).split(".")[0] or "data"
       name = stem if stem not in data_cfg[group] else f"{stem}_{k}"
-      data_cfg[group][name] = config_lib.source_config(
-          path=spec, format=args.format, mask=args.mask)
+      data_cfg[group][name] = _source(spec, args)
   return data_cfg, args.tokenizer, args.seq_len or 2048
 
 
@@ -224,8 +254,21 @@ def _inspect(args, overrides) -> int:
       print(f"\n== {split} source {name!r}: {src.path}  (format "
             f"{p.tokenized.fmt}, mask {src.mask}"
             + (f", weight {src.weight}" if split == "train" else "") + ")")
-      print(f"  examples: {r.kept} kept, {r.truncated} truncated, "
-            f"{r.num_split} split into rows, {r.drops.total} dropped")
+      log = p.tokenized.render
+      print(f"  records: {log.records} kept, {r.drops.total} dropped; "
+            f"examples: {r.kept} kept, {r.truncated} truncated, "
+            f"{r.num_split} split into rows")
+      print(f"  masks: {log.method}")
+      if log.appended_eos:
+        print(f"    {log.appended_eos} turns ended by an appended EOS (the "
+              "template writes no end-of-turn token after the last reply)")
+      if log.reasoning_lost:
+        print(f"    {log.reasoning_lost} turns carry reasoning the template "
+              "does not render: it is not trained (DeepSeek-R1 and QwQ drop "
+              "it from every reply)")
+      if log.first_disagreement:
+        print("    generation markers disagree with the rule (the rule is "
+              f"used); first at {log.first_disagreement}")
       for line in r.drops.summary("  dropped", places=True).splitlines()[1:]:
         print("  " + line)
       pct = "  ".join(f"p{k}={v}" for k, v in r.length_pct.items())

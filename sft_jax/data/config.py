@@ -8,9 +8,10 @@ never on weights, seed or sequence length.
 
 import ml_collections
 
-FORMATS = ("auto", "alpaca", "messages", "sharegpt", "prompt_completion",
-           "text")
+FORMATS = ("auto", "alpaca", "messages", "sharegpt", "xlam",
+           "prompt_completion", "text")
 MASK_POLICIES = ("assistant", "last", "all")
+HISTORY_MODES = ("split", "full")
 TOO_LONG_POLICIES = ("drop", "truncate")
 PACKING_MODES = ("first_fit", "best_fit", "pad")
 
@@ -26,11 +27,19 @@ def fields_config() -> ml_collections.ConfigDict:
       role="role",  # messages: a turn's role (system|user|assistant|tool)
       content="content",  # messages: a turn's text
       conversations="conversations",  # sharegpt: the list of turns
-      sharegpt_role="from",  # sharegpt: role key (human|gpt|system)
+      # sharegpt: role key (human|gpt|system; function_call|observation for
+      # tool calls and their results)
+      sharegpt_role="from",
       sharegpt_content="value",  # sharegpt: text key
       prompt="prompt",  # prompt_completion: the prompt
       completion="completion",  # prompt_completion: the answer
       text="text",  # text: raw text, loss on every token
+      tools="tools",  # messages / sharegpt / xlam: JSON-schema tool list
+      tool_calls="tool_calls",  # messages: an assistant turn's tool calls
+      # messages: an assistant turn's reasoning trace (`thinking` also read)
+      reasoning="reasoning_content",
+      query="query",  # xlam: the user's request
+      answers="answers",  # xlam: the tool calls that answer it
   ))
 
 
@@ -51,6 +60,14 @@ def source_config(**kw) -> ml_collections.ConfigDict:
       # user turn and the completion as the reply; False concatenates them as
       # plain text (tokenizer BOS, completion + EOS supervised).
       prompt_as_user_turn=True,
+      # Keyword arguments for the chat template, e.g. enable_thinking=False
+      # (Qwen3); inference renders prompts with the same ones.
+      chat_template_kwargs=ml_collections.ConfigDict(),
+      # A template that rewrites earlier turns (reasoning stripped, ...):
+      # "split" gives each rewritten assistant turn its own example with the
+      # context it was generated from; "full" keeps one sequence, the full
+      # rendering, each reply supervised where it appears there.
+      history="split",
       weight=1.0,  # share of the training example stream (normalised)
       max_records=0,  # read at most this many records (0 = all)
   ))
@@ -99,6 +116,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       if src.format not in FORMATS:
         raise DataError(f"data.{group}.{name}.format={src.format!r}; expected "
                         f"one of {FORMATS}")
+      if src.history not in HISTORY_MODES:
+        raise DataError(f"data.{group}.{name}.history={src.history!r}; "
+                        f"expected one of {HISTORY_MODES}")
       if src.mask not in MASK_POLICIES:
         raise DataError(f"data.{group}.{name}.mask={src.mask!r}; expected one "
                         f"of {MASK_POLICIES}")

@@ -91,3 +91,61 @@ class DropLog:
         lines.append(f"  {reason}: {n}" +
                      (f"  (e.g. {stored[0]})" if stored else ""))
     return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class RenderLog:
+  """How a source's masks were derived (see sft_jax/data/turns.py).
+
+  Conversations are prefix-stable (one example, every reply a span of the
+  full rendering) or split (the template rewrote earlier turns, so those
+  turns got their own examples); generation markers, where the template has
+  them, are cross-checked against the rule.
+  """
+  records: int = 0  # records kept
+  examples: int = 0  # examples they made
+  chats: int = 0  # kept records rendered with the chat template
+  split: int = 0  # chats split because the template rewrote history
+  split_examples: int = 0  # examples made by split chats
+  appended_eos: int = 0  # turns ended by an EOS the template never writes
+  reasoning_lost: int = 0  # turns whose reasoning the template did not render
+  markers_checked: int = 0  # chats whose generation markers were compared
+  markers_disagree: int = 0  # ... and disagreed with the rule
+  first_disagreement: str = ""  # "place: token k (...): both readings"
+
+  def add(self, where: str, encoded, chat: bool) -> None:
+    self.records += 1
+    self.examples += len(encoded.examples)
+    self.chats += int(chat)
+    if encoded.split:
+      self.split += 1
+      self.split_examples += len(encoded.examples)
+    self.appended_eos += encoded.appended_eos
+    self.reasoning_lost += encoded.reasoning_lost
+    if encoded.markers is not None:
+      self.markers_checked += 1
+      if encoded.markers:
+        self.markers_disagree += 1
+        if not self.first_disagreement:
+          self.first_disagreement = f"{where}: {encoded.markers}"
+
+  @property
+  def method(self) -> str:
+    """prefix-stable | split per turn | markers (agreeing with the rule)."""
+    if not self.chats:
+      return "no chat template (plain text / prompt+completion)"
+    parts = [f"{self.chats - self.split} prefix-stable"]
+    if self.split:
+      parts.append(f"{self.split} split per turn into "
+                   f"{self.split_examples} examples")
+    if self.markers_checked:
+      parts.append(f"generation markers checked on {self.markers_checked}, "
+                   f"disagree on {self.markers_disagree}")
+    return ", ".join(parts)
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, d: dict) -> "RenderLog":
+    return cls(**d)

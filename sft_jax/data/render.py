@@ -1,14 +1,13 @@
 """Examples -> (input_ids, loss_mask), with masks that do not trust templates.
 
-A chat is rendered with its chat template. The reply of assistant turn i is
-found by rendering the conversation prefix by prefix: with P = render(turns
-[:i], add_generation_prompt=True) and F = render(turns[:i + 1]), the reply is
-F[len(P):], which must also be a prefix of the full rendering. The supervised
-characters run from where the reply's content starts to the end of that text
-with trailing whitespace removed, i.e. the content plus the end-of-turn
-token(s) the template closes the reply with. A token is supervised when it
-overlaps a supervised span, so no template needs `{% generation %}` markers.
-Where the template has them, both masks are computed and must agree.
+A chat is rendered with its chat template, and each assistant turn is
+supervised by one rule (turns.py): exactly what the model must generate at
+inference for that turn, after the generation prompt, through its stop token.
+A conversation whose template rewrites earlier turns becomes several examples,
+each turn with the context it was generated from. A token is supervised when
+it overlaps a supervised character span, so no template needs
+`{% generation %}` markers; where a template has them, they are cross-checked
+and a disagreement is reported (the rule is used).
 
 The full rendering is tokenized without adding special tokens: the template
 writes BOS itself when the model wants one, so a BOS is never doubled.
@@ -19,8 +18,11 @@ import json
 import os
 import re
 
+import dataclasses
+
 import numpy as np
 
+from sft_jax.data import turns as turns_lib
 from sft_jax.data.errors import DataError, RecordError
 from sft_jax.data.formats import Example
 
@@ -92,73 +94,50 @@ def _overlap_mask(offsets, spans) -> np.ndarray:
   return mask
 
 
+@dataclasses.dataclass
+class Encoded:
+  """One record's examples and how their masks were derived."""
+  examples: list  # [(input_ids int32 [L], loss_mask uint8 [L])]
+  split: bool = False  # the history was rewritten: turns got own examples
+  # Generation markers: None not checked, "" agree, else how they disagree.
+  markers: str | None = None
+  appended_eos: int = 0  # turns ended by an EOS the template never writes
+  reasoning_lost: int = 0  # turns whose reasoning the template did not render
+
+
 class Encoder:
-  """Encodes canonical examples for one source (tokenizer, template, policy)."""
+  """Encodes canonical examples for one source (tokenizer, template, policy).
+
+  `template_kwargs` go to the chat template (e.g. enable_thinking); `history`
+  is "split" or "full" (see turns.py).
+  """
 
   def __init__(self, tok, template: str | None, mask_policy: str,
-               prompt_as_user_turn: bool = True):
+               prompt_as_user_turn: bool = True,
+               template_kwargs: dict | None = None, history: str = "split"):
     self.tok = tok
     self.template = template
     self.mask_policy = mask_policy
     self.prompt_as_user_turn = prompt_as_user_turn
+    self.history = history
+    self.template_kwargs = dict(template_kwargs or {})
     self.has_markers = bool(template and _GENERATION_TAG.search(template))
     self._specials = {k: v for k, v in tok.special_tokens_map.items()
                       if isinstance(v, str)}
-
-  def _render(self, messages, add_generation_prompt: bool) -> str:
-    try:
-      return self.tok.apply_chat_template(
-          messages, chat_template=self.template, tokenize=False,
-          add_generation_prompt=add_generation_prompt)
-    except Exception as e:  # pylint: disable=broad-except
-      # Templates raise to refuse input (e.g. roles that do not alternate).
-      raise RecordError("template_error", str(e).strip() or
-                        type(e).__name__) from None
-
-  def reply_spans(self, messages) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendering and the supervised character span of each reply."""
-    full = self._render(messages, False)
-    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if self.mask_policy == "last":
-      assistant = assistant[-1:]
-    spans = []
-    for i in assistant:
-      prefix = self._render(messages[:i], True) if i else ""
-      upto = full if i == len(messages) - 1 else self._render(
-          messages[:i + 1], False)
-      if not (upto.startswith(prefix) and full.startswith(upto)):
-        # Some templates rewrite earlier turns depending on what follows
-        # (e.g. dropping reasoning); no mask can be trusted for this record.
-        raise RecordError(
-            "template_not_prefix_stable",
-            f"rendering turns [:{i}] with a generation prompt, then turn {i}, "
-            "then the rest does not extend the text each time; give a "
-            "prefix-stable template in data.chat_template")
-      reply = upto[len(prefix):]
-      content = messages[i]["content"]
-      start = reply.find(content)
-      if start < 0:
-        start = max(reply.find(content.strip()), 0)
-      end = len(reply.rstrip())
-      spans.append((len(prefix) + start, len(prefix) + end))
-    return full, spans
-
-  def _marker_spans(self, messages):
-    from transformers.utils import chat_template_utils  # pylint: disable=g-import-not-at-top
-    _, indices = chat_template_utils.render_jinja_template(
-        [messages], chat_template=self.template,
-        return_assistant_tokens_mask=True, **self._specials)
-    return [tuple(s) for s in indices[0]]
+    self._renderer = (turns_lib.Renderer(tok, template, self.template_kwargs)
+                      if template else None)
 
   def _plan(self, ex: Example):
-    """(text, add_special_tokens, supervised spans or None for all, add_eos,
-    messages to check against generation markers or None)."""
+    """([(text, add_special_tokens, spans or None for all, add_eos)],
+    record info: (split, appended EOS count, turns whose reasoning was not
+    rendered, markers check or None))."""
     if ex.kind == "text":
-      return ex.text, True, None, True, None
+      return [(ex.text, True, None, True)], (False, 0, 0, None)
     if ex.kind == "prompt_completion" and not (self.template and
                                                self.prompt_as_user_turn):
       text = ex.prompt + ex.completion
-      return text, True, [(len(ex.prompt), len(text))], True, None
+      return [(text, True, [(len(ex.prompt), len(text))], True)], (
+          False, 0, 0, None)
     if not self.template:
       raise DataError("chat data needs a chat template, and the tokenizer has "
                       "none: set data.chat_template")
@@ -168,17 +147,23 @@ class Encoder:
                   if ex.system else []) + [
                       {"role": "user", "content": ex.prompt},
                       {"role": "assistant", "content": ex.completion}]
-    full, spans = self.reply_spans(messages)
-    check = messages if self.has_markers and self.mask_policy != "all" else None
-    return full, False, spans, False, check
+    plan = self._renderer.plan(messages, self.mask_policy, self.history,
+                               ex.tools)
+    pieces = [(t, False, sp, False) for t, sp in zip(plan.texts, plan.spans)]
+    check = None
+    if (self.has_markers and self.mask_policy != "all" and
+        plan.full_index is not None and not plan.split and
+        all(t.stable for t in plan.turns)):
+      check = (plan.full_index, messages, ex.tools)
+    appended = sum(t.appended_eos for t in plan.turns)
+    lost = sum(t.reasoning_lost for t in plan.turns)
+    return pieces, (plan.split, appended, lost, check)
 
-  def _finish(self, plan, ids, offsets):
-    _, _, spans, add_eos, check = plan
+  def _finish(self, piece, ids, offsets):
+    _, _, spans, add_eos = piece
     ids = list(ids)
     mask = (np.ones(len(ids), np.uint8) if spans is None
             else _overlap_mask(offsets, spans))
-    if check is not None:
-      self._check_markers(check, ids, offsets, mask)
     eos = self.tok.eos_token_id
     if add_eos and eos is not None and (not ids or ids[-1] != eos):
       ids.append(eos)  # the end of a completion or document is learned
@@ -196,11 +181,11 @@ class Encoder:
     return np.asarray(ids, np.int32), mask
 
   def encode_batch(self, examples: list) -> list:
-    """encode() over many examples with one batched tokenizer call.
+    """Encodes many examples with one batched tokenizer call.
 
-    Returns, per example, (input_ids, loss_mask), the RecordError that
-    rejects it, or the DataError (a template or tokenizer problem, which must
-    stop the run) it raised, so the caller can name the record.
+    Returns, per example, an Encoded, the RecordError that rejects it, or the
+    DataError (a template or tokenizer problem, which must stop the run) it
+    raised, so the caller can name the record.
     """
     plans, out = [], [None] * len(examples)
     for k, ex in enumerate(examples):
@@ -208,41 +193,72 @@ class Encoder:
         plans.append((k, self._plan(ex)))
       except (RecordError, DataError) as e:
         out[k] = e
+    flat = [(k, j, piece) for k, (pieces, _) in plans
+            for j, piece in enumerate(pieces)]
+    done = {}
     for special in (True, False):
-      group = [(k, p) for k, p in plans if p[1] == special]
+      group = [x for x in flat if x[2][1] == special]
       if not group:
         continue
-      enc = self.tok([p[0] for _, p in group], add_special_tokens=special,
+      enc = self.tok([x[2][0] for x in group], add_special_tokens=special,
                      return_offsets_mapping=True)
-      for (k, p), ids, offsets in zip(group, enc["input_ids"],
-                                      enc["offset_mapping"]):
-        try:
-          out[k] = self._finish(p, ids, offsets)
-        except (RecordError, DataError) as e:
-          out[k] = e
+      for (k, j, piece), ids, offsets in zip(group, enc["input_ids"],
+                                             enc["offset_mapping"]):
+        done[k, j] = (piece, ids, offsets)
+    for k, (pieces, (split, appended, lost, check)) in plans:
+      try:
+        examples_k = [self._finish(*done[k, j]) for j in range(len(pieces))]
+        markers = None
+        if check is not None:
+          j = check[0]
+          markers = self._check_markers(check[1], check[2], done[k, j][1],
+                                        done[k, j][2], examples_k[j][1])
+        out[k] = Encoded(examples_k, split, markers, appended, lost)
+      except (RecordError, DataError) as e:
+        out[k] = e
     return out
 
-  def encode(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (input_ids int32 [L], loss_mask uint8 [L]) before shifting."""
+  def encode_all(self, ex: Example) -> Encoded:
     (result,) = self.encode_batch([ex])
     if isinstance(result, Exception):
       raise result
     return result
 
-  def _check_markers(self, messages, ids, offsets, mask):
-    spans = self._marker_spans(messages)
+  def encode(self, ex: Example) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (input_ids int32 [L], loss_mask uint8 [L]) before shifting, for
+    a record that makes one example (see encode_all for split ones)."""
+    result = self.encode_all(ex)
+    if len(result.examples) != 1:
+      raise ValueError(f"the record makes {len(result.examples)} examples "
+                       "(its template rewrites history); use encode_all")
+    return result.examples[0]
+
+  def _marker_spans(self, messages, tools):
+    from transformers.utils import chat_template_utils  # pylint: disable=g-import-not-at-top
+    _, indices = chat_template_utils.render_jinja_template(
+        [messages], tools=tools, chat_template=self.template,
+        return_assistant_tokens_mask=True,
+        **{**self._specials, **self.template_kwargs})
+    return [tuple(s) for s in indices[0]]
+
+  def _check_markers(self, messages, tools, ids, offsets, mask) -> str:
+    """"" when the {% generation %} markers mark what the rule supervises,
+    else the first token where they differ, with both readings."""
+    spans = self._marker_spans(messages, tools)
     if self.mask_policy == "last":
       spans = spans[-1:]
+    ids = list(ids)
     marked = _overlap_mask(offsets, spans)
+    n = len(marked)
     # Whitespace between the end-of-turn token and the next turn is template
     # layout; templates differ on whether it sits inside the markers.
     tokens = self.tok.convert_ids_to_tokens(ids)
     text = [self.tok.convert_tokens_to_string([t]) for t in tokens]
-    differ = [k for k in np.flatnonzero(marked != mask) if text[k].strip()]
-    if differ:
-      k = differ[0]
-      raise DataError(
-          "the chat template's {% generation %} markers and the prefix-"
-          f"rendering mask disagree at token {k} ({text[k]!r}: markers say "
-          f"{int(marked[k])}, prefix rendering says {int(mask[k])}); fix the "
-          "template's markers")
+    differ = [k for k in np.flatnonzero(marked != mask[:n]) if text[k].strip()]
+    if not differ:
+      return ""
+    k = differ[0]
+    return (f"token {k} ({text[k]!r}): generation markers say "
+            f"{'supervised' if marked[k] else 'context'}, the rule says "
+            f"{'supervised' if mask[k] else 'context'} "
+            f"({len(differ)} tokens differ)")

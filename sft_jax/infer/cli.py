@@ -105,8 +105,9 @@ examples:
     errors.check_writable_dir(os.path.dirname(os.path.abspath(args.out)),
                               what="--out")
   loaded = _load(args, args.model)
-  ids = [prompting.encode_prompt(loaded.tokenizer, p, raw=args.raw)
-         for p in prompts]
+  kwargs = _template_kwargs(args.model)
+  ids = [prompting.encode_prompt(loaded.tokenizer, p, raw=args.raw,
+                                 template_kwargs=kwargs) for p in prompts]
   completions = generate_lib.generate(
       loaded.model_cfg, loaded.variables, ids,
       max_new_tokens=args.max_new_tokens, stop_ids=loaded.stop_ids,
@@ -168,7 +169,8 @@ template. Commands: /reset starts over, /exit (or Ctrl-D) quits.""",
     if not text.strip():
       continue
     messages.append({"role": "user", "content": text})
-    ids = prompting.encode_prompt(loaded.tokenizer, messages)
+    ids = prompting.encode_prompt(loaded.tokenizer, messages,
+                                  template_kwargs=_template_kwargs(args.model))
     completion = generate_lib.generate(
         loaded.model_cfg, loaded.variables, [ids],
         max_new_tokens=args.max_new_tokens, stop_ids=loaded.stop_ids,
@@ -177,6 +179,14 @@ template. Commands: /reset starts over, /exit (or Ctrl-D) quits.""",
     messages.append({"role": "assistant", "content": reply})
     print_fn(f"assistant> {reply}")
     turn += 1
+
+
+def _template_kwargs(model: str) -> dict:
+  """A run renders prompts with the template kwargs it trained with."""
+  from sft_jax.infer import loading  # pylint: disable=g-import-not-at-top
+  from sft_jax.infer import prompting  # pylint: disable=g-import-not-at-top
+  return (prompting.template_kwargs_of_run(model)
+          if loading.is_run_dir(model) else {})
 
 
 def _record_options(run_dir: str) -> dict:
@@ -340,7 +350,7 @@ examples:
       [r for r, _ in rows], max_new_tokens=args.max_new_tokens,
       metrics=metrics, json_schema=schema, sampling=_sampling(args),
       batch_size=args.batch_size, seed=args.seed, stop_ids=loaded.stop_ids,
-      **options)
+      template_kwargs=_template_kwargs(args.run), **options)
   name = args.name or os.path.splitext(os.path.basename(args.data))[0]
   prefix = "gen_" + re.sub(r"[^A-Za-z0-9_.-]", "_", name)
   # The results first: nothing after generation may lose them.

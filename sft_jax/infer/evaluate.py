@@ -130,7 +130,8 @@ def generation_metrics(model_cfg, variables, tokenizer,
                        sampling: sampling_lib.Sampling = sampling_lib.GREEDY,
                        batch_size: int = 8, seed: int = 0,
                        stop_ids: Sequence[int] | None = None,
-                       fields=None, prompt_as_user_turn: bool = True):
+                       fields=None, prompt_as_user_turn: bool = True,
+                       template_kwargs: dict | None = None):
   """Generates an answer for every record and scores it.
 
   Args:
@@ -149,6 +150,8 @@ def generation_metrics(model_cfg, variables, tokenizer,
       chat template's end-of-turn token).
     fields, prompt_as_user_turn: how records are read, as the training
       source's options of those names (None: the default field names).
+    template_kwargs: the chat template's keyword arguments, as the training
+      source's chat_template_kwargs.
 
   Returns:
     (metrics {name: float} plus "num_samples" and "mean_new_tokens",
@@ -162,7 +165,8 @@ def generation_metrics(model_cfg, variables, tokenizer,
         prompt_as_user_turn=prompt_as_user_turn)
     prompts.append(prompt)
     references.append(reference)
-    ids.append(prompting.encode_prompt(tokenizer, prompt, raw=raw))
+    ids.append(prompting.encode_prompt(tokenizer, prompt, raw=raw,
+                                       template_kwargs=template_kwargs))
   completions = generate_lib.generate(
       model_cfg, variables, ids, max_new_tokens=max_new_tokens,
       stop_ids=(prompting.stop_ids(tokenizer) if stop_ids is None

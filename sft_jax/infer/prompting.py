@@ -7,6 +7,7 @@ tokens (BOS where the tokenizer adds one).
 """
 
 import json
+import os
 from typing import Any, Sequence
 
 from sft_jax import errors
@@ -21,14 +22,22 @@ class PromptError(errors.UserError, ValueError):
 _MARK = "\u2063END_OF_ASSISTANT_TURN\u2063"
 
 
-def encode_prompt(tokenizer, prompt, *, raw: bool = False) -> list[int]:
+def encode_prompt(tokenizer, prompt, *, raw: bool = False,
+                  template_kwargs: dict | None = None,
+                  tools: list | None = None) -> list[int]:
   """Token ids of a prompt.
+
+  The context training supervised each reply after (sft_jax/data/turns.py):
+  render(turns, add_generation_prompt=True) with the same template kwargs.
 
   Args:
     tokenizer: a transformers tokenizer (with a chat template unless raw).
     prompt: a string (a single user turn unless raw) or a list of
       {"role", "content"} messages ending with the turn to answer.
     raw: tokenize `prompt` (a string) as is, without the chat template.
+    template_kwargs: keyword arguments for the chat template, as the
+      training source's chat_template_kwargs (e.g. enable_thinking).
+    tools: the JSON-schema tool list the conversation offers.
 
   Returns:
     The ids, ending with the assistant-turn header when templated.
@@ -44,8 +53,26 @@ def encode_prompt(tokenizer, prompt, *, raw: bool = False) -> list[int]:
   messages = ([{"role": "user", "content": prompt}]
               if isinstance(prompt, str) else list(prompt))
   text = tokenizer.apply_chat_template(
-      messages, add_generation_prompt=True, tokenize=False)
+      messages, tools=tools, add_generation_prompt=True, tokenize=False,
+      **(template_kwargs or {}))
   return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def template_kwargs_of_run(run_dir: str) -> dict:
+  """The chat_template_kwargs a run trained with ({} when its sources set
+  none, or set different ones)."""
+  with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+    return template_kwargs_of_data(json.load(f).get("data", {}))
+
+
+def template_kwargs_of_data(data: dict) -> dict:
+  """The chat_template_kwargs of a `data` config section (as a dict): those
+  its sources share, else {}."""
+  sources = list(data.get("sources", {}).values()) + list(
+      data.get("eval_sources", {}).values())
+  kwargs = {json.dumps(s.get("chat_template_kwargs") or {}, sort_keys=True)
+            for s in sources}
+  return json.loads(kwargs.pop()) if len(kwargs) == 1 else {}
 
 
 def end_of_turn_id(tokenizer) -> int | None:

@@ -153,7 +153,8 @@ def generation_eval(cfg: config_dict.ConfigDict, model_cfg, state: Any,
       model_cfg, step_lib.variables_of(state), tokenizer, records,
       max_new_tokens=cfg.eval.generate_max_new_tokens,
       metrics=tuple(cfg.eval.generate_metrics),
-      batch_size=cfg.eval.generate_batch_size, seed=cfg.seed)
+      batch_size=cfg.eval.generate_batch_size, seed=cfg.seed,
+      template_kwargs=prompting.template_kwargs_of_data(cfg.data.to_dict()))
   if out_dir is not None:
     infer_eval.write_results(out_dir, step, metrics, samples, prefix="gen")
   return {f"eval/gen/{k}": float(v) for k, v in metrics.items()}
