@@ -72,6 +72,16 @@ def test_splash_meets_the_contract_in_interpret_mode(kind):
   assert contract_error(attention_lib.backend("splash"), kind) < 2e-4
 
 
+def test_splash_under_a_mesh_runs_per_shard():
+  # Batch over "data" and heads over "tensor": each device runs the kernel
+  # on one row and one kv-head group.
+  mesh = jax.make_mesh((2, 1, 2), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=jax.devices()[:4])
+  with jax.set_mesh(mesh):
+    assert contract_error(attention_lib.backend("splash"), "sliding") < 2e-4
+
+
 @pytest.mark.parametrize("kind", ["causal", "softcap_sliding"])
 def test_backend_ignoring_segment_ids_fails_the_contract(kind):
   def packing_blind(q, k, v, qp, qs, kp, ks, **kw):

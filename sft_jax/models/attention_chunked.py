@@ -6,8 +6,8 @@ be visible to it, which in train mode (index causality) is static:
   keys [max(0, i*C - window + 1), (i+1)*C)   (window = 0: from key 0)
 
 so a causal layer computes about half of T x S and a sliding-window layer
-about (C + window) x T (Gemma-3's 512 window at 4096 tokens: 1/4 of the
-causal work). Each block runs under jax.checkpoint: the backward pass
+about (C + window) x T (Gemma-3's 512 window at 4096 tokens, C = 512: 42%
+of the causal work, 12% of dense). Each block runs under jax.checkpoint: the backward pass
 recomputes its logits, so peak memory is one [B, N, G, C, S_i] block.
 
 Any T works: queries (and, in train mode, keys) are padded to a multiple of C
@@ -56,9 +56,12 @@ def xla_chunked(q_BxTxHxK, k_BxSxNxK, v_BxSxNxK, q_pos_BxT, q_seg_BxT,
     kv_ord = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (b, tp))
   s = k_BxSxNxK.shape[1]
 
-  block_fn = jax.checkpoint(
-      lambda q, qo, qs, k, v, ko, ks: attention_lib.reference(
-          q, k, v, qo, qs, ko, ks, window, softcap, scale))
+  block_fn = (lambda q, qo, qs, k, v, ko, ks: attention_lib.reference(
+      q, k, v, qo, qs, ko, ks, window, softcap, scale))
+  if blocks > 1:
+    # Only the current block's logits live at a time: the backward pass
+    # recomputes them. One block gains nothing from that.
+    block_fn = jax.checkpoint(block_fn)
   outs = []
   for i in range(blocks):
     rows = slice(i * chunk, (i + 1) * chunk)
