@@ -36,6 +36,8 @@ _COMMANDS = {
                "export a run to Hugging Face format (merged or PEFT adapter)"),
     "bench": ("sft_jax.train.bench:main",
               "benchmark the train step: tokens/s, MFU, memory, compile time"),
+    "plan": ("sft_jax.train.plan:main",
+             "per-device memory of a config's run, and whether it fits"),
     "sweep": ("sft_jax.sweep:main",
               "run every point of an experiment's sweep, then summarise"),
     "demo": ("sft_jax.demo:main",

@@ -172,6 +172,19 @@ def init_train_state(cfg: config_dict.ConfigDict,
     frozen["teacher"] = variables["teacher"]
   tx = make_optimizer(cfg)
   param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+  _, opt_shardings = _opt_shapes_and_shardings(tx, trainable, mesh)
+  repl = sharding.replicated(mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), repl),
+                     trainable=trainable, frozen=frozen, opt_state=opt_state)
+  shardings = TrainState(step=repl, trainable=param_shardings,
+                         frozen=jax.tree.map(lambda x: x.sharding, frozen),
+                         opt_state=opt_shardings)
+  return state, shardings
+
+
+def _opt_shapes_and_shardings(tx, trainable, mesh):
+  param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
   opt_shapes = jax.eval_shape(tx.init, trainable)
   repl = sharding.replicated(mesh)
   opt_shardings = optax.tree_map_params(
@@ -179,12 +192,27 @@ def init_train_state(cfg: config_dict.ConfigDict,
       opt_shapes, param_shardings, trainable,
       transform_non_params=lambda _: repl,
       is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
-  state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), repl),
-                     trainable=trainable, frozen=frozen, opt_state=opt_state)
-  shardings = TrainState(step=repl, trainable=param_shardings,
-                         frozen=jax.tree.map(lambda x: x.sharding, frozen),
-                         opt_state=opt_shardings)
+  return opt_shapes, opt_shardings
+
+
+def abstract_train_state(cfg: config_dict.ConfigDict, abstract_variables: dict,
+                         mesh: jax.sharding.Mesh
+                         ) -> tuple[TrainState, TrainState]:
+  """`init_train_state` in ShapeDtypeStructs (with shardings): allocates
+  nothing, for lowering the step ahead of time (`sft-jax plan`)."""
+  trainable, frozen = split_trainable(cfg, abstract_variables)
+  _, opt_shardings = _opt_shapes_and_shardings(make_optimizer(cfg), trainable,
+                                               mesh)
+  opt_shapes = jax.eval_shape(make_optimizer(cfg).init, trainable)
+  sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  repl = sharding.replicated(mesh)
+  shardings = TrainState(
+      step=repl, trainable=jax.tree.map(lambda x: x.sharding, trainable),
+      frozen=jax.tree.map(lambda x: x.sharding, frozen),
+      opt_state=opt_shardings)
+  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=repl),
+                     trainable=trainable, frozen=frozen,
+                     opt_state=jax.tree.map(sds, opt_shapes, opt_shardings))
   return state, shardings
 
 
