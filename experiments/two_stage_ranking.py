@@ -40,10 +40,14 @@ BASE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "base.py"
 NUM_CANDIDATES = 8
 
 
+def _knobs(arg):
+  return config_lib.parse_arg(arg, scale="demo", stage=1,
+                              root="runs/two_stage", init="", domain="",
+                              rank_train="", rank_eval="", steps=0)
+
+
 def get_config(arg=None):
-  k = config_lib.parse_arg(arg, scale="demo", stage=1, root="runs/two_stage",
-                           init="", domain="", rank_train="", rank_eval="",
-                           steps=0)
+  k = _knobs(arg)
   c = config_lib.get_config_from_file(str(BASE))
   c.seed = 0
   real = k.scale == "real"
@@ -105,6 +109,19 @@ def get_config(arg=None):
     c.data.packing_bins = 16
     c.log.every_steps = 25
   return c
+
+
+# `sft-jax sweep`: stage 1 over the share of general data, stage 2 over lr.
+SUMMARY_METRICS = ("eval/rank/top1", "eval/rank/mrr", "eval/general/loss")
+
+
+def get_sweep(arg=None):
+  k = _knobs(arg)
+  if k.stage == 1:
+    return [{"data.sources.general.weight": s,
+             "data.sources.domain.weight": 1.0 - s} for s in (0.1, 0.25, 0.5)]
+  lr = get_config(arg).optim.lr
+  return [{"optim.lr": lr * f} for f in (0.3, 1.0, 3.0)]
 
 
 def _files(root: str) -> dict[str, str]:
