@@ -9,11 +9,14 @@ top-5 accuracy and MRR on held-out ranking lines, and the general-data loss
 
 Demo scale (CPU, minutes; everything built locally, no downloads):
   python experiments/two_stage_ranking.py --workdir runs/two_stage
-    domain  the demo's order-extraction task (sft_jax/demo/task.py) as
-            prompt/completion: sentence -> JSON order
-    ranking 8 candidate JSON orders per sentence, 7 with one field wrong; the
-            stage-2 target lists the right one first, then the others
-    general the demo's chitchat text; the base is the demo's random Llama
+    domain  synthetic incident postmortems: "Incident ...: <service> in
+            <region> reports <symptom> since <time>." -> "Root cause: <X>."
+            (12 symptoms, each with one root cause)
+    ranking the same kind of incident + "Ranked causes:" -> 8 candidate causes,
+            the right one first (stage 2 target); held-out lines list the 8
+            candidates shuffled with the right one's index as the label
+    general the demo's chitchat text; the base is the demo's randomly
+            initialised small Llama (sft_jax/demo/assets.py)
 
 Real scale (`:scale=real`): the same two stages on Llama-2-7B with LoRA,
 UltraChat as the general data, and your own domain / ranking JSONL files
@@ -35,13 +38,16 @@ from sft_jax.train import config as config_lib
 
 BASE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "base.py"
 NUM_CANDIDATES = 8
-FIELDS = ("name", "item", "quantity", "city", "day")
+
+
+def _knobs(arg):
+  return config_lib.parse_arg(arg, scale="demo", stage=1,
+                              root="runs/two_stage", init="", domain="",
+                              rank_train="", rank_eval="", steps=0)
 
 
 def get_config(arg=None):
-  k = config_lib.parse_arg(arg, scale="demo", stage=1, root="runs/two_stage",
-                           init="", domain="", rank_train="", rank_eval="",
-                           steps=0)
+  k = _knobs(arg)
   c = config_lib.get_config_from_file(str(BASE))
   c.seed = 0
   real = k.scale == "real"
@@ -105,72 +111,115 @@ def get_config(arg=None):
   return c
 
 
+# `sft-jax sweep`: stage 1 over the share of general data, stage 2 over lr.
+SUMMARY_METRICS = ("eval/rank/top1", "eval/rank/mrr", "eval/general/loss")
+
+
+def get_sweep(arg=None):
+  k = _knobs(arg)
+  if k.stage == 1:
+    return [{"data.sources.general.weight": s,
+             "data.sources.domain.weight": 1.0 - s} for s in (0.1, 0.25, 0.5)]
+  lr = get_config(arg).optim.lr
+  return [{"optim.lr": lr * f} for f in (0.3, 1.0, 3.0)]
+
+
 def _files(root: str) -> dict[str, str]:
   d = os.path.join(root, "data")
   return {n: os.path.join(d, f"{n}.jsonl") for n in (
       "general_train", "general_eval", "domain_pc", "rank_train", "rank_eval")}
 
 
-def _distractors(fields: dict, rng: random.Random) -> list[dict]:
-  """NUM_CANDIDATES - 1 orders, each with one field changed."""
-  from sft_jax.demo import task  # pylint: disable=g-import-not-at-top
-  pools = {"name": [f"{a} {b}" for a in task.FIRST_NAMES
-                    for b in task.LAST_NAMES],
-           "item": [s for s, _ in task.ITEMS], "quantity": list(range(1, 10)),
-           "city": list(task.CITIES), "day": list(task.DAYS)}
-  out, seen = [], {task.answer(fields)}
-  while len(out) < NUM_CANDIDATES - 1:
-    wrong = dict(fields)
-    key = rng.choice(FIELDS)
-    wrong[key] = rng.choice(pools[key])
-    if task.answer(wrong) not in seen:
-      seen.add(task.answer(wrong))
-      out.append(wrong)
-  return out
+# Incident symptom -> root cause: the association both stages teach.
+CAUSES = {
+    "p99 latency above two seconds": "database connection pool exhausted",
+    "HTTP 502 from the load balancer": "upstream pods crash looping",
+    "disk usage at 98 percent": "log rotation disabled",
+    "pods OOMKilled every few minutes": "memory leak in the new release",
+    "TLS handshake failures": "expired certificate",
+    "queue depth growing without bound": "consumer group stalled",
+    "error rate spike right after a deploy": "bad config pushed in the deploy",
+    "timeouts calling the cache": "cache cluster failover",
+    "DNS resolution errors": "resolver misconfiguration",
+    "CPU throttling on every node": "CPU limits set too low",
+    "replication lag over ten minutes": "long running schema migration",
+    "401 errors for all users": "identity provider outage",
+}
+SERVICES = ("checkout", "payments", "search", "auth", "inventory", "email",
+            "billing", "catalog", "ledger", "profile")
+REGIONS = ("us-east", "us-west", "eu-central", "ap-south")
+RANK_PROMPT = "Ranked causes:\n"
+
+
+def _incident(rng: random.Random) -> tuple[str, str]:
+  symptom = rng.choice(sorted(CAUSES))
+  text = (f"Incident {rng.randint(1000, 9999)}: {rng.choice(SERVICES)} in "
+          f"{rng.choice(REGIONS)} reports {symptom} since "
+          f"{rng.randint(0, 23):02d}:{rng.choice((0, 15, 30, 45)):02d}.\n")
+  return text, CAUSES[symptom]
+
+
+def _candidates(cause: str, rng: random.Random) -> list[str]:
+  """The right cause and NUM_CANDIDATES - 1 others, in random order."""
+  others = rng.sample([c for c in CAUSES.values() if c != cause],
+                      NUM_CANDIDATES - 1)
+  cands = [cause] + others
+  rng.shuffle(cands)
+  return cands
 
 
 def build_inputs(root: str, seed: int = 0) -> str:
-  """Data files and the random base model under `root`; returns the base."""
-  from sft_jax.demo import assets  # pylint: disable=g-import-not-at-top
-  from sft_jax.demo import task  # pylint: disable=g-import-not-at-top
-  size = assets.Size(
-      general_train=300, general_eval=20, domain_train=1500, domain_eval=64,
-      vocab_size=1024, hidden=64, layers=2, heads=4, kv_heads=2, mlp=128,
-      seq_len=256, batch_size=8, cpt_steps=0, sft_steps=0, eval_every=0,
-      max_new_tokens=0, max_chars=400, shares=())
-  paths = assets.build_data(root, size, seed)
-  files = _files(root)
-  rng = random.Random(seed)
+  """Data files and the random base model under `root`; returns the base.
 
-  def pairs(path):
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        m = json.loads(line)["messages"]
-        yield m[0]["content"] + "\n", json.loads(m[1]["content"])
+  Stage 1 domain data are postmortems (incident -> "Root cause: X."), stage
+  2 data are ranked lists (incident + RANK_PROMPT -> right cause first, then
+  the other candidates); the held-out ranking lines are new incidents.
+  """
+  from sft_jax.demo import assets  # pylint: disable=g-import-not-at-top
+  from sft_jax.demo import corpus  # pylint: disable=g-import-not-at-top
+  files = _files(root)
+  if os.path.exists(os.path.join(root, "base", "config.json")):
+    return os.path.join(root, "base")
+  os.makedirs(os.path.dirname(files["rank_eval"]), exist_ok=True)
+  rng = random.Random(seed)
 
   def write(path, records):
     with open(path, "w", encoding="utf-8") as f:
       for r in records:
         f.write(json.dumps(r) + "\n")
 
-  train = list(pairs(paths["domain_train"]))
-  half = len(train) // 2  # stage 1 and stage 2 see different sentences
-  base = assets.build_base_model(root, size, paths, seed)
-  write(files["domain_pc"], ({"prompt": p, "completion": task.answer(a)}
-                                for p, a in train[:half]))
-  write(files["rank_train"], (
-      {"prompt": p, "completion": "\n".join(
-          task.answer(x) for x in [a] + _distractors(a, rng))}
-      for p, a in train[half:]))
+  general_train, general_eval = corpus.make_splits(300, 20, max_chars=400,
+                                                   seed=seed)
+  write(files["general_train"], general_train)
+  write(files["general_eval"], general_eval)
+  postmortems = [_incident(rng) for _ in range(1500)]
+  write(files["domain_pc"], ({"prompt": p, "completion": f"Root cause: {c}."}
+                             for p, c in postmortems))
+  ranked = []
+  for _ in range(1500):
+    p, c = _incident(rng)
+    others = [x for x in _candidates(c, rng) if x != c]
+    ranked.append({"prompt": p + RANK_PROMPT,
+                   "completion": "\n".join([c] + others)})
+  write(files["rank_train"], ranked)
   rank_eval = []
-  for p, a in pairs(paths["domain_eval"]):
-    cands = [a] + _distractors(a, rng)
-    rng.shuffle(cands)
-    rank_eval.append({"prompt": p, "candidates": [task.answer(x)
-                                                  for x in cands],
-                      "label": cands.index(a)})
+  for _ in range(128):
+    p, c = _incident(rng)
+    cands = _candidates(c, rng)
+    rank_eval.append({"prompt": p + RANK_PROMPT, "candidates": cands,
+                      "label": cands.index(c)})
   write(files["rank_eval"], rank_eval)
-  return base
+  size = assets.Size(
+      general_train=300, general_eval=20, domain_train=0, domain_eval=0,
+      vocab_size=1024, hidden=64, layers=2, heads=4, kv_heads=2, mlp=128,
+      seq_len=256, batch_size=8, cpt_steps=0, sft_steps=0, eval_every=0,
+      max_new_tokens=0, max_chars=400, shares=())
+  # The tokenizer is trained on the general text and the postmortems.
+  text = files["domain_pc"].replace(".jsonl", "_text.jsonl")
+  write(text, ({"text": f"{p}Root cause: {c}."} for p, c in postmortems))
+  return assets.build_base_model(
+      root, size, {"general_train": files["general_train"],
+                   "domain_train": text}, seed)
 
 
 def _ranking(model_dir: str, rank_eval: str) -> dict:

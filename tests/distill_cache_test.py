@@ -117,12 +117,21 @@ def test_offline_cache_aligned_and_equal_to_online(tmp_path):
                                                        atol=1e-6),
                offline_p, online_p)
 
-  # From a config: the run logs distill_loss beside loss and ce_loss.
-  cfg = _cfg(tmp_path, f"--config.distill.cache={tmp_path / 'cache'}",
-             "--config.train.steps=2", "--config.log.every_steps=1",
-             "--config.train.batch_size=8",
-             "--config.checkpoint.async_save=False")
-  result = loop.train(cfg, str(tmp_path / "run"), progress=False)
-  assert result.exit_code == 0
-  assert np.isfinite(result.metrics["train/distill_loss"])
-  assert result.metrics["train/distill_loss"] > 0
+  # From a config, offline and online: the run logs distill_loss beside
+  # loss and ce_loss, and the two teachers give the same first step.
+  first_step = {}
+  for name, extra in (("offline", (
+      f"--config.distill.cache={tmp_path / 'cache'}",)), ("online", ())):
+    cfg = _cfg(tmp_path, *extra, "--config.train.steps=2",
+               "--config.log.every_steps=1", "--config.train.batch_size=8",
+               "--config.checkpoint.async_save=False")
+    result = loop.train(cfg, str(tmp_path / name), progress=False)
+    assert result.exit_code == 0
+    assert result.metrics["train/distill_loss"] > 0
+    with open(tmp_path / name / "metrics.jsonl") as f:
+      first_step[name] = [r for r in map(json.loads, f)
+                          if "train/loss" in r][0]
+    assert first_step[name]["step"] == 1
+  for key in ("train/loss", "train/ce_loss", "train/distill_loss"):
+    np.testing.assert_allclose(first_step["offline"][key],
+                               first_step["online"][key], rtol=1e-5)

@@ -101,6 +101,9 @@ def check_config(cfg: config_dict.ConfigDict) -> None:
     raise DistillConfigError(
         f"config distill.teacher={d.teacher!r}: cannot read its config "
         f"({e})") from None
+  if d.top_k > teacher_vocab:
+    raise DistillConfigError(f"config distill.top_k={d.top_k} exceeds the "
+                             f"vocabulary ({teacher_vocab})")
   if teacher_vocab != student_vocab:
     raise DistillConfigError(
         f"config distill.teacher={d.teacher!r}: teacher vocabulary "
@@ -145,6 +148,10 @@ def micro_loss(cfg: config_dict.ConfigDict, obj: distill_loss.Objective,
   if is_offline(cfg):
     teacher = {"ids": batch["teacher_ids"], "logp": batch["teacher_logp"]}
   else:
+    if teacher_params is None:
+      raise ValueError("online distillation: the train state has no teacher "
+                       "weights (variables['teacher'] = distill.load_teacher"
+                       "(cfg, mesh) before init_train_state)")
     teacher_cfg = teacher_model_config(cfg)
     params = jax.lax.stop_gradient(teacher_params)
     hidden_BxTxE = models.Transformer(teacher_cfg).apply(

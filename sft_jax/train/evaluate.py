@@ -103,6 +103,9 @@ def _summarise(prefix: str, sums: Mapping[str, float]) -> dict[str, float]:
 def load_ranking_sets(cfg: config_dict.ConfigDict, tokenizer) -> dict:
   """{name: tokenized requests} of `eval.ranking`; ValueError names file:line."""
   from sft_jax import score  # pylint: disable=g-import-not-at-top
+  if cfg.eval.ranking and jax.process_count() > 1:
+    raise ValueError("config eval.ranking: ranking evaluation runs on one "
+                     "process only (score the saved run with `sft-jax score`)")
   sets = {}
   for name, path in cfg.eval.ranking.items():
     requests = score.read_requests(path, tokenizer)
