@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_dict
 
 from sft_jax import data
+from sft_jax import progress as progress_lib
 from sft_jax.train import checkpoint as checkpoint_lib
 from sft_jax.train import config as config_lib
 from sft_jax.train import epochs as epochs_lib
@@ -98,43 +99,6 @@ class _Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
-
-
-class _Progress:
-  """A tqdm bar (ETA, loss) on process 0, or plain log lines."""
-
-  def __init__(self, total: int, start: int, enabled: bool, bar: bool,
-               log_every: int):
-    self._bar = None
-    self._enabled, self._log_every = enabled, max(1, log_every)
-    if enabled and bar:
-      import tqdm  # pylint: disable=g-import-not-at-top
-      self._bar = tqdm.tqdm(total=total, initial=start, unit="step",
-                            dynamic_ncols=True, mininterval=0.5)
-
-  def update(self, step: int, scalars: dict) -> None:
-    if not self._enabled:
-      return
-    if self._bar is not None:
-      self._bar.update(step - self._bar.n)
-      self._bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
-                            lr=f"{scalars['train/lr']:.2e}", refresh=False)
-    elif step % self._log_every == 0:
-      print(f"step {step}: loss {scalars['train/loss']:.4f}  "
-            f"lr {scalars['train/lr']:.3e}  "
-            f"grad_norm {scalars['train/grad_norm']:.3f}", flush=True)
-
-  def write(self, text: str) -> None:
-    if not self._enabled:
-      return
-    if self._bar is not None:
-      self._bar.write(text)
-    else:
-      print(text, flush=True)
-
-  def close(self):
-    if self._bar is not None:
-      self._bar.close()
 
 
 class _HostMetrics:
@@ -219,7 +183,8 @@ def _load_tokenizer(cfg, workdir: str, resuming: bool):
   return data.load_tokenizer(path, cfg.data.chat_template or None)
 
 
-def _check_resume_config(cfg, workdir: str, progress: _Progress) -> None:
+def _check_resume_config(cfg, workdir: str,
+                         progress: progress_lib.TrainProgress) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
@@ -257,8 +222,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
           f"train.steps={cfg.train.steps}; nothing to do.", flush=True)
     ckpt.close()
     return TrainResult(EXIT_OK, resume_step, "finished", {})
-  bar = _Progress(cfg.train.steps, resume_step or 0, is_main, progress,
-                  cfg.log.every_steps)
+  bar = progress_lib.TrainProgress(cfg.train.steps, resume_step or 0,
+                                   is_main, progress, cfg.log.every_steps)
   if resume_step is not None:
     bar.write(f"Resuming from the checkpoint of step {resume_step} in "
               f"{ckpt.directory}")
@@ -340,9 +305,13 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
     host_state = {"iterator": batches.get_state(),
                   "early_stopping": early.state_dict() if early else None,
                   "examples_seen": seen.state_dict()}
+    t = time.perf_counter()
     ckpt.save(step, checkpointed_part(state), data_state=host_state,
               config=config_lib.config_to_dict(cfg),
               tokenizer_files=tokenizer_files, metrics=eval_metrics)
+    bar.write(f"saved checkpoint {step} ({time.perf_counter() - t:.1f}s" + (
+        "; files written in the background)" if cfg.checkpoint.async_save
+        else ")"))
     saved_step = step
 
   reason, exit_code, step = "finished", EXIT_OK, start
@@ -368,7 +337,14 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
       local_batch = next(batches)
       seen.add(local_batch)
       batch = sharding.global_batch(local_batch, mesh)
+      if step == start + 1:
+        bar.write("compiling the train step...")
+        compile_start = time.perf_counter()
       state, metrics = train_step(state, batch)
+      if step == start + 1:
+        # The first call compiles before it dispatches the step.
+        bar.write(f"compiled the train step in "
+                  f"{time.perf_counter() - compile_start:.1f}s")
       if pending is not None:
         host.finish(*pending)
       pending = (step, metrics, seen.scalars())
