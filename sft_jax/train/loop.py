@@ -286,8 +286,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
         batch_size=cfg.eval.batch_size, process_index=jax.process_index(),
         process_count=jax.process_count())
   if start == 0:
-    tags = ["train/loss"] + [f"eval/{n}/loss" for n in eval_sets]
-    writer.write_hparams(config_lib.flatten_config(cfg), tags)
+    writer.write_hparams(config_lib.flatten_config(cfg),
+                         trial_id=os.path.basename(workdir))
     writer.write_scalars(0, {f"params/{k}": v for k, v in report.items()})
 
   train_step = step_lib.jit_train_step(cfg, model_cfg, mesh, state_shardings)
