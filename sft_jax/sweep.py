@@ -36,6 +36,7 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 from sft_jax import errors
+from sft_jax import sweep_summary
 from sft_jax.sweep_summary import SweepError, summarize, write_summary
 
 DONE_MARKER = "sweep_done.json"
@@ -284,6 +285,26 @@ def run_points(points: Sequence[Point], config_spec: str, *,
   return results
 
 
+def _write_hparams_experiment(summary, workdir: str) -> None:
+  """TensorBoard HParams for the sweep: swept keys and eval metrics first."""
+  from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import metrics_writer  # pylint: disable=g-import-not-at-top
+  hparams = {}
+  for p in summary.points:
+    path = os.path.join(p.workdir, "config.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        hparams = config_lib.flatten_config(
+            config_lib.config_from_dict(json.load(f)))
+      break
+  if not hparams:
+    return
+  metrics = sorted(summary.metrics, key=lambda m: not m.startswith("eval"))
+  metrics_writer.write_experiment(
+      os.path.join(workdir, "tb_hparams"), hparams,
+      sweep_summary.varying_keys(summary), metrics)
+
+
 def run_sweep(spec: str, workdir: str, *, parallel: int = 1,
               dry_run: bool = False, summary_only: bool = False,
               list_points: bool = False,
@@ -349,6 +370,7 @@ def run_sweep(spec: str, workdir: str, *, parallel: int = 1,
   summary = summarize(all_points, metrics)
   os.makedirs(workdir, exist_ok=True)
   paths = write_summary(summary, workdir, x=x)
+  _write_hparams_experiment(summary, workdir)
   print(summary.markdown())
   for kind, path in paths.items():
     print(f"[sweep] summary {kind}: {path}")

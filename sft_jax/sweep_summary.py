@@ -194,6 +194,23 @@ def _swept_key(summary: Summary, x: str | None) -> str | None:
   return keys[0] if keys else None
 
 
+def _follows(points, x: str, key: str) -> bool:
+  """Whether `key` is a function of `x` across the points (co-varies with it:
+  e.g. general share s and domain share 1 - s), so it splits no line."""
+  seen = {}
+  for p in points:
+    xv, kv = repr(p.overrides.get(x)), repr(p.overrides.get(key))
+    if seen.setdefault(xv, kv) != kv:
+      return False
+  return True
+
+
+def varying_keys(summary: Summary) -> list[str]:
+  """Swept keys that take more than one value, in sweep order."""
+  return [k for k in summary.keys()
+          if len({repr(p.overrides.get(k)) for p in summary.points}) > 1]
+
+
 def plot(summary: Summary, path: str, *, x: str | None = None,
          metrics: Sequence[str] | None = None) -> str | None:
   """Final value of each metric against swept key `x`, one panel per metric.
@@ -210,7 +227,8 @@ def plot(summary: Summary, path: str, *, x: str | None = None,
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  others = [k for k in summary.keys() if k != x]
+  others = [k for k in summary.keys()
+            if k != x and not _follows(summary.points, x, k)]
   groups = {}
   for p, s in zip(summary.points, summary.stats):
     label = ", ".join(f"{k}={p.overrides.get(k)}" for k in others)

@@ -19,13 +19,16 @@ def test_count_examples_counts_segment_starts_by_source():
       "a": 1, "b": 2, "c": 1}
 
 
-def test_epochs_set_the_steps_and_the_schedule_and_are_logged(tmp_path):
+def test_epochs_set_the_steps_and_the_schedule_and_are_logged(tmp_path,
+                                                             capsys):
   cfg = config_lib.load_config("configs/tiny.py", [
       f"--config.data.cache_dir={tmp_path / 'cache'}",
       "--config.train.epochs=1.5", "--config.log.every_steps=1",
       "--config.optim.warmup_steps=2"])
-  result = loop.train(cfg, str(tmp_path / "run"), progress=False)
+  result = loop.train(cfg, str(tmp_path / "run"), progress=True)
   assert result.exit_code == 0
+  out = capsys.readouterr()
+  text = out.out + out.err
   saved = json.load(open(tmp_path / "run" / "config.json"))
   steps = saved["train"]["steps"]
   assert result.step == steps
@@ -45,3 +48,14 @@ def test_epochs_set_the_steps_and_the_schedule_and_are_logged(tmp_path):
   lrs = [r["train/lr"] for r in records if "train/lr" in r]
   assert max(lrs) == pytest.approx(cfg.optim.lr, rel=1e-3)
   assert lrs[-1] < 0.02 * cfg.optim.lr
+  # Progress off a terminal: what is happening, with times, and no bar.
+  assert f"train.epochs=1.5: 192 examples in 3 sources" in text
+  assert f"-> train.steps={steps}" in text
+  assert "tokenized source 'chat': 64 examples" in text
+  assert "compiling the train step..." in text
+  assert "compiled the train step in " in text
+  assert f"saved checkpoint {steps} (" in text
+  assert "\r" not in text
+  line = [l for l in text.splitlines() if l.startswith(f"step {steps}/")][0]
+  assert f"epoch {last['train/epoch']:.2f}  elapsed " in line
+  assert line.endswith("ETA 0s")

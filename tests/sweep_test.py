@@ -323,6 +323,28 @@ def test_real_tiny_training_sweep(tmp_path):
     assert len(losses) == 3
     assert float(row["train/loss final"]) == pytest.approx(losses[-1])
     assert float(row["train/loss best"]) == pytest.approx(min(losses))
+  # TensorBoard HParams: the sweep's experiment lists the swept key first
+  # (marked as differing) and the metrics in the summary's order; each run's
+  # session is named by its run name.
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  from tensorboard.plugins.hparams import plugin_data_pb2  # pylint: disable=g-import-not-at-top
+
+  def hparams_content(logdir):
+    acc = event_accumulator.EventAccumulator(logdir)
+    acc.Reload()
+    return [plugin_data_pb2.HParamsPluginData.FromString(c)
+            for c in acc.PluginTagToContent("hparams").values()]
+
+  [exp_data] = hparams_content(os.path.join(workdir, "tb_hparams"))
+  infos = exp_data.experiment.hparam_infos
+  assert infos[0].name == "optim.lr" and infos[0].differs
+  assert not any(i.differs for i in infos[1:]) and len(infos) > 50
+  assert [m.name.tag for m in exp_data.experiment.metric_infos] == ["train/loss"]
+  for point in points:
+    [start] = hparams_content(os.path.join(point.workdir, "tb"))
+    assert start.session_start_info.group_name == point.name
+    assert start.session_start_info.hparams["optim.lr"].number_value == (
+        pytest.approx(point.overrides["optim.lr"]))
   # Re-running trains nothing: every point is finished.
   mtimes = [os.path.getmtime(os.path.join(p.workdir, "metrics.jsonl"))
             for p in points]
@@ -347,3 +369,17 @@ def test_every_experiment_builds_and_its_points_are_valid_overrides(path):
       for part in key.split("."):
         node = node[part]
       assert node == pytest.approx(value)
+
+
+def test_plot_draws_co_varying_keys_as_one_line():
+  mk = lambda s, lr: sweep.Point("p", {"g.weight": s, "d.weight": 1 - s,
+                                       "lr": lr}, "w")
+  points = [mk(s, lr) for lr in (1e-3, 2e-3) for s in (0.0, 0.5)]
+  assert sweep_summary._follows(points, "g.weight", "d.weight")
+  assert not sweep_summary._follows(points, "g.weight", "lr")
+  summary = sweep_summary.Summary(points, ["done"] * 4, [1] * 4,
+                                  [{} for _ in points], [])
+  assert sweep_summary.varying_keys(summary) == ["g.weight", "d.weight", "lr"]
+  assert sweep_summary.varying_keys(sweep_summary.Summary(
+      points[:2], ["done"] * 2, [1] * 2, [{}, {}], [])) == [
+          "g.weight", "d.weight"]

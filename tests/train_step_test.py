@@ -39,8 +39,9 @@ _SGD = ("--config.optim.name=sgd", "--config.optim.b1=0",
 
 
 def _cfg(*overrides, arg="", sources=1):
+  # One training source ("train"; its file is never read here), then extras.
   cfg = config_lib.get_config_from_file(
-      "configs/tiny.py" + (f":{arg}" if arg else ""))
+      "configs/tiny.py:data=train.jsonl" + (f",{arg}" if arg else ""))
   for i in range(1, sources):
     cfg.data.sources[f"extra{i}"] = data_config.source_config()
   cfg.lock()

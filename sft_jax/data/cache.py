@@ -197,7 +197,8 @@ def tokenize_source(name: str, src, tok, template: str | None, *,
   key = cache_key(src, tok, template)
   path = os.path.join(cache_dir, f"{name}-{key}")
   if not os.path.exists(os.path.join(path, "meta.json")):
-    _build(path, src, tok, template, strict=strict, workers=workers)
+    _build(path, src, tok, template, strict=strict, workers=workers,
+           name=name)
   out = _load(name, path)
   if strict and out.drops.total:
     raise out.drops.first_error(f"source {name!r}")
@@ -221,9 +222,11 @@ def no_examples_message(what: str, drops: DropLog) -> str:
              ": it has no records"))
 
 
-def _build(path, src, tok, template, *, strict, workers):
+def _build(path, src, tok, template, *, strict, workers, name="source"):
+  from sft_jax import progress  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
+  meter = progress.Meter(f"tokenizing source {name!r}", "examples")
   try:
     drops, log = DropLog(), RenderLog()
     offsets, where_idx, files = [0], [], {}
@@ -238,6 +241,7 @@ def _build(path, src, tok, template, *, strict, workers):
         offsets.append(offsets[-1] + len(ids))
         fname, sep, n = _split_where(where)
         where_idx.append((files.setdefault((fname, sep), len(files)), n))
+        meter.update()
     np.save(os.path.join(tmp, "offsets.npy"), np.asarray(offsets, np.int64))
     np.save(os.path.join(tmp, "where.npy"),
             np.asarray(where_idx, np.int64).reshape(-1, 2))
@@ -246,11 +250,18 @@ def _build(path, src, tok, template, *, strict, workers):
                 render=log.to_json())
     with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
       json.dump(meta, f)
+    meter.close(
+        f"tokenized source {name!r}: {meter.n:,} examples, "
+        f"{offsets[-1]:,} tokens in {progress.duration(meter.elapsed)} "
+        f"({meter.n / max(meter.elapsed, 1e-9):,.0f} examples/s, "
+        f"{offsets[-1] / max(meter.elapsed, 1e-9):,.0f} tokens/s); "
+        f"cached in {path}")
     try:
       os.rename(tmp, path)
     except OSError:  # another process finished the same entry first
       shutil.rmtree(tmp, ignore_errors=True)
   except BaseException:
+    meter.close()
     shutil.rmtree(tmp, ignore_errors=True)
     raise
 

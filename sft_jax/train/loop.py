@@ -30,6 +30,7 @@ from ml_collections import config_dict
 from sft_jax import data
 from sft_jax import errors
 from sft_jax import models
+from sft_jax import progress as progress_lib
 from sft_jax.train import checkpoint as checkpoint_lib
 from sft_jax.train import config as config_lib
 from sft_jax.train import distill
@@ -113,46 +114,6 @@ class _Preemption:
     for signum, previous in self._previous.items():
       signal.signal(signum, previous)
     self._previous = {}
-
-
-class _Progress:
-  """A tqdm bar (ETA, loss) on process 0, or plain log lines."""
-
-  def __init__(self, total: int, start: int, enabled: bool, bar: bool,
-               log_every: int):
-    self._bar = None
-    self._enabled, self._log_every = enabled, max(1, log_every)
-    # The bar appears with the first step, so nothing before it (loading,
-    # or an error while loading) is interleaved with an empty bar.
-    self._want_bar, self._total, self._start = enabled and bar, total, start
-
-  def update(self, step: int, scalars: dict) -> None:
-    if not self._enabled:
-      return
-    if self._want_bar and self._bar is None:
-      import tqdm  # pylint: disable=g-import-not-at-top
-      self._bar = tqdm.tqdm(total=self._total, initial=self._start,
-                            unit="step", dynamic_ncols=True, mininterval=0.5)
-    if self._bar is not None:
-      self._bar.update(step - self._bar.n)
-      self._bar.set_postfix(loss=f"{scalars['train/loss']:.4f}",
-                            lr=f"{scalars['train/lr']:.2e}", refresh=False)
-    elif step % self._log_every == 0:
-      print(f"step {step}: loss {scalars['train/loss']:.4f}  "
-            f"lr {scalars['train/lr']:.3e}  "
-            f"grad_norm {scalars['train/grad_norm']:.3f}", flush=True)
-
-  def write(self, text: str) -> None:
-    if not self._enabled:
-      return
-    if self._bar is not None:
-      self._bar.write(text)
-    else:
-      print(text, flush=True)
-
-  def close(self):
-    if self._bar is not None:
-      self._bar.close()
 
 
 class _HostMetrics:
@@ -272,8 +233,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
           f"train.steps={cfg.train.steps}; nothing to do.", flush=True)
     ckpt.close()
     return TrainResult(EXIT_OK, resume_step, "finished", {})
-  bar = _Progress(cfg.train.steps, resume_step or 0, is_main, progress,
-                  cfg.log.every_steps)
+  bar = progress_lib.TrainProgress(cfg.train.steps, resume_step or 0,
+                                   is_main, progress, cfg.log.every_steps)
   if resume_step is not None:
     bar.write(f"Resuming from the checkpoint of step {resume_step} in "
               f"{ckpt.directory}")
@@ -356,8 +317,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
         batch_size=cfg.eval.batch_size, process_index=jax.process_index(),
         process_count=jax.process_count())
   if start == 0:
-    tags = ["train/loss"] + [f"eval/{n}/loss" for n in eval_sets]
-    writer.write_hparams(config_lib.flatten_config(cfg), tags)
+    writer.write_hparams(config_lib.flatten_config(cfg),
+                         trial_id=os.path.basename(workdir))
     writer.write_scalars(0, {f"params/{k}": v for k, v in report.items()})
 
   train_step = step_lib.jit_train_step(cfg, model_cfg, mesh, state_shardings)
@@ -377,9 +338,13 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
     host_state = {"iterator": batches.get_state(),
                   "early_stopping": early.state_dict() if early else None,
                   "examples_seen": seen.state_dict()}
+    t = time.perf_counter()
     ckpt.save(step, checkpointed_part(state), data_state=host_state,
               config=config_lib.config_to_dict(cfg),
               tokenizer_files=tokenizer_files, metrics=eval_metrics)
+    bar.write(f"saved checkpoint {step} ({time.perf_counter() - t:.1f}s" + (
+        "; files written in the background)" if cfg.checkpoint.async_save
+        else ")"))
     saved_step = step
 
   reason, exit_code, step = "finished", EXIT_OK, start
@@ -408,7 +373,14 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
       local_batch = next(batches)
       seen.add(local_batch)
       batch = sharding.global_batch(local_batch, mesh)
+      if step == start + 1:
+        bar.write("compiling the train step...")
+        compile_start = time.perf_counter()
       state, metrics = train_step(state, batch)
+      if step == start + 1:
+        # The first call compiles before it dispatches the step.
+        bar.write(f"compiled the train step in "
+                  f"{time.perf_counter() - compile_start:.1f}s")
       if pending is not None:
         host.finish(*pending)
       pending = (step, metrics, seen.scalars())

@@ -69,23 +69,24 @@ class MetricsWriter:
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
 
-  def write_hparams(self, hparams: Mapping[str, Any],
-                    metric_tags: list[str]) -> None:
+  def write_hparams(self, hparams: Mapping[str, Any], trial_id: str) -> None:
     """Writes the run's hyperparameters for TensorBoard's HParams dashboard.
+
+    Only the session (this run, named `trial_id`) is written: TensorBoard then
+    builds the table from all runs under its logdir and puts the keys whose
+    values differ between them first. A sweep adds its own experiment
+    (`write_experiment`) at its root.
 
     Args:
       hparams: flat name -> bool/int/float/str (other values are stringified).
-      metric_tags: scalar tags the dashboard shows next to the hyperparameters.
+      trial_id: the name the dashboard shows for this run.
     """
     if not self._enabled:
       return
     clean = {k: _hparam_value(v) for k, v in hparams.items()}
-    config_pb = hparams_summary.hparams_config_pb(
-        hparams=[hparams_summary.HParam(k) for k in sorted(clean)],
-        metrics=[hparams_summary.Metric(t) for t in metric_tags])
-    for pb in (config_pb, hparams_summary.hparams_pb(clean)):
-      self._events.add_event(event_pb2.Event(wall_time=time.time(), step=0,
-                                             summary=pb))
+    self._events.add_event(event_pb2.Event(
+        wall_time=time.time(), step=0,
+        summary=hparams_summary.hparams_pb(clean, trial_id=trial_id)))
 
   def flush(self) -> None:
     if self._enabled:
@@ -97,6 +98,37 @@ class MetricsWriter:
       self._events.close()
       self._jsonl.close()
       self._enabled = False
+
+
+def write_experiment(logdir: str, hparams: Mapping[str, Any],
+                     varying: list[str], metric_tags: list[str]) -> str:
+  """The HParams experiment of a sweep, in an event file under `logdir`.
+
+  `varying` keys are marked as differing, so the dashboard lists them first;
+  the metrics are shown in the order of `metric_tags`. Returns the directory.
+  """
+  from tensorboard.plugins.hparams import api_pb2  # pylint: disable=g-import-not-at-top
+  from tensorboard.plugins.hparams import plugin_data_pb2  # pylint: disable=g-import-not-at-top
+  types = {bool: api_pb2.DATA_TYPE_BOOL, str: api_pb2.DATA_TYPE_STRING}
+  infos = []
+  for name in list(varying) + sorted(set(hparams) - set(varying)):
+    value = _hparam_value(hparams.get(name, ""))
+    infos.append(api_pb2.HParamInfo(
+        name=name, differs=name in varying,
+        type=types.get(type(value), api_pb2.DATA_TYPE_FLOAT64)))
+  experiment = api_pb2.Experiment(
+      hparam_infos=infos, time_created_secs=time.time(),
+      metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t))
+                    for t in metric_tags])
+  summary = hparams_summary._summary_pb(  # pylint: disable=protected-access
+      "_hparams_/experiment",
+      plugin_data_pb2.HParamsPluginData(experiment=experiment))
+  os.makedirs(logdir, exist_ok=True)
+  events = event_file_writer.EventFileWriter(logdir)
+  events.add_event(event_pb2.Event(wall_time=time.time(), step=0,
+                                   summary=summary))
+  events.close()
+  return logdir
 
 
 def _hparam_value(value):
