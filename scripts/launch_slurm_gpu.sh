@@ -25,7 +25,8 @@
 #       --workdir /shared/sweeps/q7b --summary-only
 # Resubmitting the same command resumes: train restarts from the run's last
 # checkpoint, and finished sweep points are skipped. SLURM's --signal sends
-# SIGTERM before the time limit, so train checkpoints and exits cleanly.
+# SIGTERM before the time limit, so train checkpoints and exits with code 75,
+# on which the job requeues itself.
 #
 #SBATCH --job-name=sft-jax
 #SBATCH --nodes=2
@@ -58,7 +59,14 @@ export TOKENIZERS_PARALLELISM=false
 
 case "$sub" in
   train)
-    srun --kill-on-bad-exit=1 .venv/bin/sft-jax train --no-progress "$@"
+    # Exit code 75: preempted after a checkpoint; requeue to resume.
+    srun --kill-on-bad-exit=1 .venv/bin/sft-jax train --no-progress "$@" || {
+      rc=$?
+      if [ "$rc" = 75 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+        scontrol requeue "$SLURM_JOB_ID"
+      fi
+      exit "$rc"
+    }
     ;;
   sweep)
     # Every task runs the sweep runner for this array task's point; each

@@ -83,16 +83,26 @@ class _CommandFormatter(logging.Formatter):
             f"{record.getMessage()}")
 
 
+class _StderrHandler(logging.StreamHandler):
+  """Writes to whatever sys.stderr is at the time (it may be replaced)."""
+
+  @property
+  def stream(self):
+    return sys.stderr
+
+  @stream.setter
+  def stream(self, value):
+    del value
+
+
 def _setup_logging(command: str, verbose: bool) -> None:
   """One logger ("sft_jax") prefixed with the command; libraries quiet."""
   log = logging.getLogger("sft_jax")
-  if not any(getattr(h, "_sft_jax", False) for h in log.handlers):
-    handler = logging.StreamHandler(sys.stderr)
-    handler._sft_jax = True  # pylint: disable=protected-access
-    log.addHandler(handler)
-  for h in log.handlers:
-    if getattr(h, "_sft_jax", False):
-      h.setFormatter(_CommandFormatter(command))
+  handlers = [h for h in log.handlers if isinstance(h, _StderrHandler)]
+  if not handlers:
+    handlers = [_StderrHandler()]
+    log.addHandler(handlers[0])
+  handlers[0].setFormatter(_CommandFormatter(command))
   log.setLevel(logging.INFO if verbose else logging.WARNING)
   log.propagate = False
   # absl (and Orbax, which logs through it) speaks at INFO/WARNING about its

@@ -250,3 +250,47 @@ def test_second_ctrl_c_exits_at_once():
   finally:
     preemption.close()
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("command", sorted(cli._COMMANDS))  # pylint: disable=protected-access
+def test_every_command_has_help(command, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main([command, "--help"])
+  assert e.value.code == 0
+  assert f"usage: sft-jax {command}" in capsys.readouterr().out
+
+
+def test_console_entry_point_in_a_real_process(d):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import tomllib  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+    scripts = tomllib.load(f)["project"]["scripts"]
+  assert scripts == {"sft-jax": "sft_jax.cli:main"}
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [root, os.environ.get("PYTHONPATH", "")]))
+  proc = subprocess.run(
+      [sys.executable, "-m", "sft_jax", "train", "--config",
+       "configs/tiny.py", "--workdir", str(d / "runs" / "entry")],
+      cwd=root, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+      "sft-jax train: config: data.tokenizer is empty (and model.path too, "
+      "whose tokenizer is the default): set data.tokenizer (e.g. "
+      "FILE.py:tokenizer=DIR for a config with that knob, or "
+      "--config.data.tokenizer=DIR)"]
+
+
+def test_one_logger_named_after_the_command_and_quiet_libraries(capsys):
+  import logging  # pylint: disable=g-import-not-at-top
+  cli._setup_logging("eval", verbose=False)  # pylint: disable=protected-access
+  logging.getLogger("sft_jax").warning("3 records dropped")
+  logging.getLogger("sft_jax").info("not shown")
+  logging.getLogger("absl").warning("orbax bookkeeping")
+  assert capsys.readouterr().err == "sft-jax eval: warning: 3 records dropped\n"
+  assert logging.getLogger("absl").getEffectiveLevel() == logging.ERROR
+  cli._setup_logging("eval", verbose=True)  # pylint: disable=protected-access
+  assert logging.getLogger("absl").getEffectiveLevel() == logging.INFO
+  assert logging.getLogger("sft_jax").getEffectiveLevel() == logging.INFO
+  cli._setup_logging("eval", verbose=False)  # pylint: disable=protected-access

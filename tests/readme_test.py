@@ -151,3 +151,21 @@ def test_every_documented_command_runs_or_fails_in_one_line(
   assert len(scores) == 1 and scores[0]["logprob"] < 0
   evals = list((scratch / "runs" / "my_run" / "eval").glob("gen_heldout_*"))
   assert len(evals) == 1
+
+
+def test_eval_out_moves_every_output(scratch, capsys, monkeypatch):
+  from sft_jax import cli  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(scratch)
+  run_tb = sorted(p.name for p in (scratch / "runs" / "my_run" / "tb").iterdir())
+  assert cli.main(["eval", "--run", "runs/my_run", "--data", "heldout.jsonl",
+                   "--out", "elsewhere", "--max-new-tokens", "4",
+                   "--name", "moved"]) == 0
+  capsys.readouterr()
+  result = json.loads((scratch / "elsewhere" / "gen_moved_step_2.json")
+                      .read_text())
+  assert len(result["samples"]) == 1
+  assert any((scratch / "elsewhere" / "tb").iterdir())
+  # Nothing of this evaluation went into the run directory.
+  assert sorted(p.name for p in (scratch / "runs" / "my_run" / "tb")
+                .iterdir()) == run_tb
+  assert not list((scratch / "runs" / "my_run").glob("eval/gen_moved*"))

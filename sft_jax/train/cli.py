@@ -17,8 +17,18 @@ Any config key can be overridden with --config.KEY=VALUE (e.g.
 error that names the key.
 
 When DIR already holds a checkpoint the run resumes from the latest one,
-exactly where it stopped (same batches, same updates). SIGTERM saves a
-checkpoint and exits cleanly.
+exactly where it stopped (same batches, same updates). SIGTERM or Ctrl-C
+saves a checkpoint after the current step and exits with code 75 (a second
+Ctrl-C exits at once). A resume onto a different base model, tokenizer, chat
+template or architecture is refused (--allow-resume-change overrides); one
+that changes train.steps needs --schedule-on-resume.
+
+Every config value, the model and tokenizer sources and the data files are
+checked before anything is loaded; a problem is one line naming the file,
+line or key, with exit code 2.
+
+exit codes: 0 finished, 1 bug, 2 user error, 3 non-finite loss,
+75 preempted (saved; rerun to resume).
 
 Multi-host: on TPU pods, SLURM and Open MPI jobs every process is found
 automatically; elsewhere start each process with --coordinator,
@@ -27,7 +37,8 @@ automatically; elsewhere start each process with --coordinator,
 
 _EPILOG = """\
 examples:
-  sft-jax train --config configs/tiny.py --workdir runs/tiny
+  sft-jax train --config configs/tiny.py:data=train.jsonl,tokenizer=TOK_DIR \\
+      --workdir runs/tiny
   sft-jax train --config configs/presets/llama3_1b.py:method=lora \\
       --workdir runs/l1b --config.optim.lr=2e-4 --config.train.steps=500
 """
