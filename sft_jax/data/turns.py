@@ -151,6 +151,11 @@ class Renderer:
     start = common_prefix(context, upto)
     if start < len(context):
       start = self._reply_start(messages, i, tools, context, upto, start)
+    elif not context:
+      # An opening reply the template cannot prompt for: its header (and any
+      # default system prompt before it) is context, the content onwards not.
+      start = self.locate(messages[:1], 0, tools, "", upto)
+      context = upto[:start]
     reply = upto[start:]
     if not reply.strip():
       raise RecordError("no_supervised_tokens",
