@@ -5,7 +5,7 @@ import pytest
 
 import tiny_tok
 from sft_jax.data import render
-from sft_jax.data.errors import DataError, RecordError
+from sft_jax.data.errors import RecordError
 from sft_jax.data.formats import Example
 
 CHATS = {

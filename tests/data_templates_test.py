@@ -240,3 +240,16 @@ def test_phi35_and_llama_tool_turns():
       '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>',
       "It is 21 degrees in Paris.<|eot_id|>"]
   assert "<|start_header_id|>ipython<|end_header_id|>" in runs[1][0]
+
+
+def test_a_conversation_opened_by_the_assistant():
+  name = "meta-llama/Llama-3.1-8B-Instruct"
+  tok = rt.tokenizer(name)
+  t = rt.BY_NAME[name]
+  messages = [{"role": "assistant", "content": "Hello! How can I help?"},
+              {"role": "user", "content": "What is two plus two?"},
+              {"role": "assistant", "content": "It is four."}]
+  encoded = render.Encoder(tok, t.text, "assistant").encode_all(
+      Example("chat", messages=messages))
+  assert [tok.decode(s) for _, s in _supervised(tok, encoded)] == [
+      "Hello! How can I help?<|eot_id|>", "It is four.<|eot_id|>"]

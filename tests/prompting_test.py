@@ -145,3 +145,33 @@ def test_template_kwargs_of_a_run(tmp_path):
       "enable_thinking": False}
   c.sources.b = data_config.source_config(path="b.jsonl")
   assert prompting.template_kwargs_of_data(c.to_dict()) == {}
+
+
+def test_tool_conversation_prompt_matches_training():
+  # A generation request for the turn after a tool result: tools, the call
+  # and its result rendered as training rendered them.
+  import json  # pylint: disable=g-import-not-at-top
+  import real_templates  # pylint: disable=g-import-not-at-top
+  from sft_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
+  from sft_jax.data import formats  # pylint: disable=g-import-not-at-top
+  tool = {"type": "function", "function": {
+      "name": "get_weather", "description": "Weather of a city",
+      "parameters": {"type": "object", "properties": {
+          "city": {"type": "string", "description": "The city"}}}}}
+  turns = [{"role": "user", "content": "Weather in Paris?"},
+           {"role": "assistant", "content": None, "tool_calls": [
+               {"function": {"name": "get_weather",
+                             "arguments": '{"city": "Paris"}'}}]},
+           {"role": "tool", "content": '{"celsius": 21}'}]
+  request = {"tools": json.dumps([tool]), "messages": turns}
+  trained = {"tools": [tool], "messages": turns + [
+      {"role": "assistant", "content": "It is 21 degrees."}]}
+  tok = real_templates.tokenizer("Qwen/Qwen2.5-7B-Instruct")
+  prompt = prompting.encode_prompt(
+      tok, prompting.prompt_of_record(request, "r:1", raw=False),
+      tools=prompting.tools_of_record(request, "r:1"))
+  fields = data_config.fields_config()
+  ids, mask = render.Encoder(tok, tok.chat_template, "last").encode(
+      formats.to_example(trained, "messages", fields))
+  assert list(ids[:len(prompt)]) == prompt and "<tools>" in tok.decode(prompt)
+  assert mask[len(prompt)] == 1 and not mask[:len(prompt)].any()

@@ -93,7 +93,7 @@ def _json_value(value, what: str):
   return value
 
 
-def _tools(record, key):
+def tools_field(record, key):
   """The conversation's tool list ([] / absent: None)."""
   if record.get(key) in (None, "", []):
     return None
@@ -194,12 +194,12 @@ def to_example(record, fmt: str, fields) -> Example:
     roles = {r: r for r in ROLES}
     return Example("chat", messages=_turns(
         record, fields.messages, fields.role, fields.content, roles, fields),
-                   tools=_tools(record, fields.tools))
+                   tools=tools_field(record, fields.tools))
   if fmt == "sharegpt":
     return Example("chat", messages=_turns(
         record, fields.conversations, fields.sharegpt_role,
         fields.sharegpt_content, _SHAREGPT_ROLES, fields),
-                   tools=_tools(record, fields.tools))
+                   tools=tools_field(record, fields.tools))
   if fmt == "xlam":
     answers = _json_value(record.get(fields.answers), repr(fields.answers))
     if not isinstance(answers, list) or not answers:
@@ -210,7 +210,7 @@ def to_example(record, fmt: str, fields) -> Example:
     return Example("chat", messages=[
         {"role": "user", "content": _text(record, fields.query)},
         {"role": "assistant", "content": "", "tool_calls": calls}],
-                   tools=_tools(record, fields.tools))
+                   tools=tools_field(record, fields.tools))
   if fmt == "alpaca":
     instruction = _text(record, fields.instruction)
     extra = _text(record, fields.input, optional=True)

@@ -33,6 +33,12 @@ from sft_jax.data.errors import RecordError
 # Text no template treats specially: what a template writes after it is the
 # end of a turn.
 _MARK = "\u2063END_OF_TURN_PROBE\u2063"
+# For probing templates that render only with a tool list (Command R+'s
+# tool-use template).
+_PROBE_TOOLS = [{"type": "function", "function": {
+    "name": "probe", "description": "probe", "parameters": {
+        "type": "object", "required": ["x"], "properties": {
+            "x": {"type": "string", "description": "probe"}}}}}]
 
 
 def common_prefix(a: str, b: str) -> int:
@@ -96,6 +102,12 @@ class Renderer:
       raise RecordError("template_error", str(e).strip() or
                         type(e).__name__) from None
 
+  def _render_probe(self, messages) -> str:
+    try:
+      return self.render(messages, False)
+    except RecordError:
+      return self.render(messages, False, _PROBE_TOOLS)
+
   def _probe_end(self, next_role: str | None) -> str | None:
     """The first special token a template writes after a reply: with no next
     turn, its end-of-turn token; before a `next_role` turn, the token that
@@ -105,7 +117,7 @@ class Renderer:
     if next_role is not None:
       messages.append({"role": next_role, "content": "x"})
     try:
-      text = self.render(messages, False)
+      text = self._render_probe(messages)
     except RecordError:
       return None
     if _MARK not in text or self._special_re is None:
@@ -124,9 +136,10 @@ class Renderer:
     texts = []
     for extra in ([], [{"role": "user", "content": "x"}]):
       try:
-        texts.append(self.render([{"role": "user", "content": "hi"},
-                                  {"role": "assistant", "content": _MARK}]
-                                 + extra, False).split(_MARK, 1)[-1])
+        texts.append(self._render_probe(
+            [{"role": "user", "content": "hi"},
+             {"role": "assistant", "content": _MARK}] + extra).split(
+                 _MARK, 1)[-1])
       except RecordError:
         return first
     a, b = (t.lstrip(" ") for t in texts)
@@ -151,6 +164,11 @@ class Renderer:
     start = common_prefix(context, upto)
     if start < len(context):
       start = self._reply_start(messages, i, tools, context, upto, start)
+    elif not context:
+      # An opening reply the template cannot prompt for: its header (and any
+      # default system prompt before it) is context, the content onwards not.
+      start = self.locate(messages[:1], 0, tools, "", upto)
+      context = upto[:start]
     reply = upto[start:]
     if not reply.strip():
       raise RecordError("no_supervised_tokens",

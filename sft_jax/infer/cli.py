@@ -95,9 +95,12 @@ examples:
   if args.prompt:
     prompts = [p if args.raw else [{"role": "user", "content": p}]
                for p in args.prompt]
+    tools = [None] * len(prompts)
   else:
+    rows = prompting.read_jsonl(args.data)
     prompts = [prompting.prompt_of_record(r, where, raw=args.raw)
-               for r, where in prompting.read_jsonl(args.data)]
+               for r, where in rows]
+    tools = [prompting.tools_of_record(r, where) for r, where in rows]
     if not prompts:
       raise errors.UserError(f"{args.data}: no records (the file is empty)",
                              what="data")
@@ -107,7 +110,8 @@ examples:
   loaded = _load(args, args.model)
   kwargs = _template_kwargs(args.model)
   ids = [prompting.encode_prompt(loaded.tokenizer, p, raw=args.raw,
-                                 template_kwargs=kwargs) for p in prompts]
+                                 template_kwargs=kwargs, tools=t)
+         for p, t in zip(prompts, tools)]
   completions = generate_lib.generate(
       loaded.model_cfg, loaded.variables, ids,
       max_new_tokens=args.max_new_tokens, stop_ids=loaded.stop_ids,

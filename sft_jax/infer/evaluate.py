@@ -165,8 +165,9 @@ def generation_metrics(model_cfg, variables, tokenizer,
         prompt_as_user_turn=prompt_as_user_turn)
     prompts.append(prompt)
     references.append(reference)
-    ids.append(prompting.encode_prompt(tokenizer, prompt, raw=raw,
-                                       template_kwargs=template_kwargs))
+    ids.append(prompting.encode_prompt(
+        tokenizer, prompt, raw=raw, template_kwargs=template_kwargs,
+        tools=prompting.tools_of_record(record, f"record {i}", fields=fields)))
   completions = generate_lib.generate(
       model_cfg, variables, ids, max_new_tokens=max_new_tokens,
       stop_ids=(prompting.stop_ids(tokenizer) if stop_ids is None

@@ -155,6 +155,22 @@ def split_record(record: dict[str, Any], where: str, *, fields=None,
   return messages[:last], messages[last]["content"], False
 
 
+def tools_of_record(record: dict[str, Any], where: str, *,
+                    fields=None) -> list | None:
+  """The JSON-schema tool list a record offers (None: none), rendered into
+  its prompt as training rendered it."""
+  from sft_jax.data import config as data_config  # pylint: disable=g-import-not-at-top
+  from sft_jax.data import errors as data_errors  # pylint: disable=g-import-not-at-top
+  from sft_jax.data import formats  # pylint: disable=g-import-not-at-top
+  fields = fields if fields is not None else data_config.fields_config()
+  if not isinstance(record, dict):
+    return None
+  try:
+    return formats.tools_field(record, fields.tools)
+  except data_errors.RecordError as e:
+    raise ValueError(f"{where}: {e}") from None
+
+
 def prompt_of_record(record: dict[str, Any], where: str, *, raw: bool,
                      fields=None):
   """The prompt of a generation request record.
@@ -179,16 +195,38 @@ def prompt_of_record(record: dict[str, Any], where: str, *, raw: bool,
     messages = record["messages"]
     for i, m in enumerate(messages):
       if (not isinstance(m, dict) or not isinstance(m.get("role"), str)
-          or not isinstance(m.get("content"), str)):
+          or not (isinstance(m.get("content"), str) or (
+              m.get("content") is None and m.get("tool_calls")))):
         raise PromptError(f"{where}: messages[{i}] must be an object with "
                          "string 'role' and 'content'")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return [_prompt_turn(m, f"{where}: messages[{i}]")
+            for i, m in enumerate(messages)]
   prompt, _, is_raw = split_record(record, where, fields=fields,
                                    prompt_as_user_turn=not raw)
   if raw and not is_raw:
     raise PromptError(f"{where}: --raw needs a plain-text prompt, but this "
                      "record is a conversation")
   return prompt
+
+
+def _prompt_turn(m: dict, where: str) -> dict:
+  """A prompt turn as training renders it: tool calls (normalised as in
+  training), reasoning and tool-result fields kept."""
+  from sft_jax.data import errors as data_errors  # pylint: disable=g-import-not-at-top
+  from sft_jax.data import formats  # pylint: disable=g-import-not-at-top
+  turn = {k: m[k] for k in ("role", "content", "reasoning_content", "thinking",
+                            "name", "tool_call_id") if k in m}
+  turn["content"] = turn.get("content") or ""
+  reasoning = turn.get("reasoning_content") or turn.get("thinking")
+  if reasoning:  # as training passes it: under both names
+    turn["reasoning_content"] = turn["thinking"] = reasoning
+  if m.get("tool_calls"):
+    try:
+      turn["tool_calls"] = [formats.tool_call(c, where)
+                            for c in m["tool_calls"]]
+    except data_errors.RecordError as e:
+      raise ValueError(f"{e.detail}") from None
+  return turn
 
 
 def _example(record, where: str, fields):
