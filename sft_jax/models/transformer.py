@@ -28,6 +28,13 @@ import jax.numpy as jnp
 
 from sft_jax.models import attention as attention_lib
 from sft_jax.models.config import ModelConfig
+from sft_jax.models.sharding import constrain
+
+# Activation layouts (logical names: see sharding.py).
+_BTD = ("batch", "length", "act_embed")
+_BTHK = ("batch", "length", "act_heads", None)
+_BTNK = ("batch", "length", "act_kv_heads", None)
+_BTF = ("batch", "length", "act_mlp")
 
 _KERNEL_INIT = nn.initializers.normal(0.02)
 # PEFT's default for A (kaiming uniform, a=sqrt(5)): U(+-1/sqrt(in)).
@@ -120,9 +127,9 @@ class _Attention(nn.Module):
     q = _Dense(cfg, h * k, cfg.qkv_bias, name="q_proj")(x_BxTxD)
     kk = _Dense(cfg, n * k, cfg.qkv_bias, name="k_proj")(x_BxTxD)
     v = _Dense(cfg, n * k, cfg.qkv_bias, name="v_proj")(x_BxTxD)
-    q_BxTxHxK = q.reshape(b, t, h, k)
-    k_BxTxNxK = kk.reshape(b, t, n, k)
-    v_BxTxNxK = v.reshape(b, t, n, k)
+    q_BxTxHxK = constrain(q.reshape(b, t, h, k), _BTHK)
+    k_BxTxNxK = constrain(kk.reshape(b, t, n, k), _BTNK)
+    v_BxTxNxK = constrain(v.reshape(b, t, n, k), _BTNK)
     if cfg.qk_norm:
       q_BxTxHxK = _RMSNorm(cfg, name="q_norm")(q_BxTxHxK)
       k_BxTxNxK = _RMSNorm(cfg, name="k_norm")(k_BxTxNxK)
@@ -144,6 +151,7 @@ class _Attention(nn.Module):
         v_all.astype(q_BxTxHxK.dtype), positions_BxT, segment_ids_BxT,
         kv_positions_BxS, kv_segment_ids_BxS, window=layer["window"],
         softcap=cfg.attn_softcap, scale=cfg.scale, impl=cfg.attention_impl)
+    out_BxTxHxK = constrain(out_BxTxHxK, _BTHK)
     out = _Dense(cfg, cfg.hidden_size, cfg.o_bias, name="o_proj")(
         out_BxTxHxK.reshape(b, t, h * k))
     return out, new_cache
@@ -156,8 +164,10 @@ class _Mlp(nn.Module):
   def __call__(self, x_BxTxD):
     cfg = self.cfg
     f = cfg.intermediate_size
-    gate = _Dense(cfg, f, cfg.mlp_bias, name="gate_proj")(x_BxTxD)
-    up = _Dense(cfg, f, cfg.mlp_bias, name="up_proj")(x_BxTxD)
+    gate = constrain(_Dense(cfg, f, cfg.mlp_bias, name="gate_proj")(x_BxTxD),
+                     _BTF)
+    up = constrain(_Dense(cfg, f, cfg.mlp_bias, name="up_proj")(x_BxTxD),
+                   _BTF)
     if cfg.activation == "silu":
       gate = jax.nn.silu(gate)
     else:
@@ -174,6 +184,7 @@ class _Block(nn.Module):
   def __call__(self, x_BxTxD, layer, positions_BxT, segment_ids_BxT,
                kv_positions_BxS, kv_segment_ids_BxS, cache_index, kv_cache):
     cfg = self.cfg
+    x_BxTxD = constrain(x_BxTxD, _BTD)
     h = _RMSNorm(cfg, name="input_norm")(x_BxTxD)
     h, new_cache = _Attention(cfg, name="attn")(
         h, layer, positions_BxT, segment_ids_BxT, kv_positions_BxS,
@@ -185,7 +196,7 @@ class _Block(nn.Module):
     h = _Mlp(cfg, name="mlp")(h)
     if cfg.post_norms:
       h = _RMSNorm(cfg, name="post_mlp_norm")(h)
-    return x_BxTxD + h, new_cache
+    return constrain(x_BxTxD + h, _BTD), new_cache
 
 
 class _Embed(nn.Module):
@@ -296,7 +307,7 @@ class Transformer(nn.Module):
       kv_cache = None
 
     embedder = _Embed(cfg, name="embedder")
-    x_BxTxD = embedder(tokens_BxT)
+    x_BxTxD = constrain(embedder(tokens_BxT), _BTD)
     layer_inputs = {"window": jnp.asarray(cfg.layer_windows()),
                     "inv_freq": jnp.asarray(cfg.layer_inv_freq())}
     block = _Block
