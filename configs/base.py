@@ -125,6 +125,12 @@ def get_config(arg=None):
   c.sharding.rules.mlp = "tensor"  # MLP hidden width.
   c.sharding.rules.layers = ""  # Stacked layer axis.
   c.sharding.rules.lora_rank = ""  # LoRA rank r.
+  # Activations (rows and positions use "batch" and "length" above).
+  c.sharding.rules.act_embed = "tensor"  # Residual stream width D (split between matmuls).
+  c.sharding.rules.act_heads = "tensor"  # Query heads of q and the attention output.
+  c.sharding.rules.act_kv_heads = "tensor"  # Key/value heads of k and v.
+  c.sharding.rules.act_mlp = "tensor"  # MLP hidden F.
+  c.sharding.rules.act_vocab = "tensor"  # Logits' vocabulary V in the loss chunks.
 
   c.data = data_config.default_config()  # Sources, mixing, packing: see sft_jax/data.
   return c

@@ -155,3 +155,38 @@ def test_batch_rows_must_split_over_mesh_and_accumulation():
   mesh = sharding.make_mesh(cfg.mesh)
   with pytest.raises(ValueError, match="train.batch_size=8 must be a multiple"):
     step_lib.jit_train_step(cfg, None, mesh, None)
+
+
+def test_activation_constraints_apply_only_under_a_mesh():
+  from sft_jax.models import sharding as model_sharding  # pylint: disable=g-import-not-at-top
+  x = np.zeros((8, 64, 32), np.float32)
+  axes = ("batch", "length", "act_embed")
+  plain = jax.make_jaxpr(lambda x: model_sharding.constrain(x, axes))(x)
+  assert "sharding_constraint" not in str(plain)
+  mesh = sharding.make_mesh(_mesh_cfg(2, 2, 2))
+  rules = dict(_rules(), length=("tensor",))
+
+  @jax.jit
+  def f(x):
+    with models.activation_sharding(mesh, rules):
+      return model_sharding.constrain(x * 2, axes)
+  assert f(x).sharding.spec in (P(("data", "fsdp"), "tensor", None),
+                                 P(("data", "fsdp"), "tensor"))
+
+
+def test_sequence_sharded_activations_equal_one_device():
+  """rules.length on a mesh axis: positions split over devices, same step."""
+  def cfg_for(mesh, length_rule):
+    d, f, t = mesh
+    return config_lib.load_config("configs/tiny.py", [
+        *_SGD, f"--config.mesh.data={d}", f"--config.mesh.fsdp={f}",
+        f"--config.mesh.tensor={t}",
+        f"--config.sharding.rules.length={length_rule}"])
+  ref_metrics, ref_params = _one_step(cfg_for((1, 1, 1), ""),
+                                      jax.devices()[:1])
+  metrics, params = _one_step(cfg_for((2, 1, 4), "tensor"), jax.devices())
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6),
+               params, ref_params)

@@ -44,6 +44,8 @@ from sft_jax.models.lora import merge_lora
 from sft_jax.models.lora import peft_config
 from sft_jax.models.lora import peft_tensors
 from sft_jax.models.quant import dequantize_params
+from sft_jax.models.sharding import activation_sharding
+from sft_jax.models.sharding import constrain
 from sft_jax.models.sharding import logical_axes
 from sft_jax.models.tables import hf_module_name
 from sft_jax.models.transformer import init

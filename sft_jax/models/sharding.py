@@ -1,14 +1,23 @@
-"""Logical axis names for every variable, for the trainer's sharding rules.
+"""Logical axis names for every variable and activation, for sharding rules.
 
-Names: "embed" (D), "vocab" (V), "heads" (H*K, split by heads),
+Parameter names: "embed" (D), "vocab" (V), "heads" (H*K, split by heads),
 "kv_heads" (N*K), "head_dim" (K), "mlp" (F), "layers" (L), "lora_rank" (R).
+
+Activation names are separate, so a weight's D can be sharded over "fsdp"
+while the residual stream's D is not: "batch" (B), "length" (T), "act_embed"
+(D), "act_heads" (H), "act_kv_heads" (N), "act_mlp" (F), "act_vocab" (V).
+`constrain(x, axes)` pins an activation's layout where the model decides it;
+it does nothing unless `activation_sharding(mesh, rules)` is active while the
+function is traced, so single-device code is unchanged.
 """
 
+import contextlib
+import contextvars
 import re
 
 import jax
+from jax.sharding import NamedSharding
 
-from sft_jax.models import transformer
 from sft_jax.models.config import ModelConfig
 
 # (regex on the "/"-joined param path, axes), first match wins.
@@ -51,6 +60,8 @@ def logical_axes(cfg: ModelConfig):
   [L, R, out] gets (layers, lora_rank, <kernel's out axis>). Tuples are
   pytrees too: map over this with `is_leaf=lambda x: isinstance(x, tuple)`.
   """
+  # Imported here: transformer.py imports this module for `constrain`.
+  from sft_jax.models import transformer  # pylint: disable=g-import-not-at-top
   shapes = jax.eval_shape(
       lambda: transformer.init(cfg, jax.random.key(0)))
 
@@ -72,3 +83,40 @@ def logical_axes(cfg: ModelConfig):
   if "lora" in shapes:
     out["lora"] = jax.tree_util.tree_map_with_path(lora_leaf, shapes["lora"])
   return out
+
+
+ACTIVATION_AXES = ("batch", "length", "act_embed", "act_heads",
+                   "act_kv_heads", "act_mlp", "act_vocab")
+
+# (mesh, rules) while tracing under `activation_sharding`, else None.
+_ACTIVE = contextvars.ContextVar("sft_jax_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: jax.sharding.Mesh | None,
+                        rules: dict[str, tuple[str, ...]] | None):
+  """Within the block, `constrain` shards activations over `mesh` by `rules`.
+
+  Must be active while the model is traced (inside the jitted function),
+  not merely when it is called. mesh=None leaves `constrain` a no-op.
+  """
+  token = _ACTIVE.set(None if mesh is None else (mesh, rules))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+  """`x` with the sharding its logical `axes` map to (no-op when inactive).
+
+  A mesh axis that does not divide a dimension is dropped for that dimension
+  (see train.sharding.logical_to_spec), so odd shapes stay replicated.
+  """
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  from sft_jax.train import sharding as train_sharding  # pylint: disable=g-import-not-at-top
+  mesh, rules = active
+  spec = train_sharding.logical_to_spec(axes, x.shape, mesh, rules)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -39,6 +39,13 @@ from sft_jax.models import attention as attention_lib
 from sft_jax.models import quant as quant_lib
 from sft_jax.models import remat as remat_lib
 from sft_jax.models.config import ModelConfig
+from sft_jax.models.sharding import constrain
+
+# Activation layouts (logical names: see sharding.py).
+_BTD = ("batch", "length", "act_embed")
+_BTHK = ("batch", "length", "act_heads", None)
+_BTNK = ("batch", "length", "act_kv_heads", None)
+_BTF = ("batch", "length", "act_mlp")
 
 _KERNEL_INIT = nn.initializers.normal(0.02)
 # PEFT's default for A (kaiming uniform, a=sqrt(5)): U(+-1/sqrt(in)).
@@ -143,9 +150,12 @@ class _Attention(nn.Module):
     q = _Dense(cfg, h * k, cfg.qkv_bias, name="q_proj")(x_BxTxD)
     kk = _Dense(cfg, n * k, cfg.qkv_bias, name="k_proj")(x_BxTxD)
     v = _Dense(cfg, n * k, cfg.qkv_bias, name="v_proj")(x_BxTxD)
-    q_BxTxHxK = checkpoint_name(q.reshape(b, t, h, k), "query_proj")
-    k_BxTxNxK = checkpoint_name(kk.reshape(b, t, n, k), "key_proj")
-    v_BxTxNxK = checkpoint_name(v.reshape(b, t, n, k), "value_proj")
+    q_BxTxHxK = checkpoint_name(constrain(q.reshape(b, t, h, k), _BTHK),
+                                "query_proj")
+    k_BxTxNxK = checkpoint_name(constrain(kk.reshape(b, t, n, k), _BTNK),
+                                "key_proj")
+    v_BxTxNxK = checkpoint_name(constrain(v.reshape(b, t, n, k), _BTNK),
+                                "value_proj")
     if cfg.qk_norm:
       q_BxTxHxK = _RMSNorm(cfg, name="q_norm")(q_BxTxHxK)
       k_BxTxNxK = _RMSNorm(cfg, name="k_norm")(k_BxTxNxK)
@@ -182,7 +192,7 @@ class _Attention(nn.Module):
       out_BxTxHxK = jax.lax.switch(
           layer["pattern"], [functools.partial(attend, w) for w in windows],
           *args)
-    out_BxTxHxK = checkpoint_name(out_BxTxHxK, "context")
+    out_BxTxHxK = checkpoint_name(constrain(out_BxTxHxK, _BTHK), "context")
     out = _Dense(cfg, cfg.hidden_size, cfg.o_bias, name="o_proj")(
         out_BxTxHxK.reshape(b, t, h * k))
     return checkpoint_name(out, "out_proj"), new_cache
@@ -195,10 +205,12 @@ class _Mlp(nn.Module):
   def __call__(self, x_BxTxD):
     cfg = self.cfg
     f = cfg.intermediate_size
-    gate = checkpoint_name(
-        _Dense(cfg, f, cfg.mlp_bias, name="gate_proj")(x_BxTxD), "mlpwi_0")
-    up = checkpoint_name(
-        _Dense(cfg, f, cfg.mlp_bias, name="up_proj")(x_BxTxD), "mlpwi_1")
+    gate = checkpoint_name(constrain(
+        _Dense(cfg, f, cfg.mlp_bias, name="gate_proj")(x_BxTxD), _BTF),
+                           "mlpwi_0")
+    up = checkpoint_name(constrain(
+        _Dense(cfg, f, cfg.mlp_bias, name="up_proj")(x_BxTxD), _BTF),
+                         "mlpwi_1")
     if cfg.activation == "silu":
       gate = jax.nn.silu(gate)
     else:
@@ -217,7 +229,7 @@ class _Block(nn.Module):
                kv_positions_BxS, kv_segment_ids_BxS, cache_index):
     cfg = self.cfg
     x_BxTxD, kv_cache = carry
-    x_BxTxD = checkpoint_name(x_BxTxD, remat_lib.LAYER_INPUT)
+    x_BxTxD = checkpoint_name(constrain(x_BxTxD, _BTD), remat_lib.LAYER_INPUT)
     h = _RMSNorm(cfg, name="input_norm")(x_BxTxD)
     h, new_cache = _Attention(cfg, name="attn")(
         h, layer, positions_BxT, segment_ids_BxT, kv_positions_BxS,
@@ -229,7 +241,7 @@ class _Block(nn.Module):
     h = _Mlp(cfg, name="mlp")(h)
     if cfg.post_norms:
       h = _RMSNorm(cfg, name="post_mlp_norm")(h)
-    return (x_BxTxD + h, new_cache), None
+    return (constrain(x_BxTxD + h, _BTD), new_cache), None
 
 
 class _Embed(nn.Module):
@@ -330,7 +342,7 @@ class Transformer(nn.Module):
       kv_cache = None
 
     embedder = _Embed(cfg, name="embedder")
-    x_BxTxD = embedder(tokens_BxT)
+    x_BxTxD = constrain(embedder(tokens_BxT), _BTD)
     layer_inputs = {"pattern": jnp.asarray(cfg.layer_patterns()),
                     "index": jnp.arange(cfg.num_layers, dtype=jnp.int32),
                     "inv_freq": jnp.asarray(cfg.layer_inv_freq())}

@@ -23,6 +23,11 @@ MFU counts model FLOPs the MaxText way with causal attention:
 6 * N_matmul + 6 * L * T * H * K per token (unembedding included); LoRA uses
 4 * N_matmul + attention + 6 * N_lora. MFU is null on devices without a known
 peak (CPU). Any --config.KEY=VALUE overrides a config key.
+
+"memory" gives the compiled step's argument / output / temp / generated-code
+bytes per device; "collectives" the count, total and largest output bytes
+per device of each collective kind in the compiled HLO (static: one inside
+the layer loop counts once).
 """
 
 _EPILOG = """\
@@ -81,6 +86,7 @@ def run(cfg, steps: int = 5, warmup: int = 2) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from sft_jax import models  # pylint: disable=g-import-not-at-top
   from sft_jax.train import flops as flops_lib  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import hlo_stats  # pylint: disable=g-import-not-at-top
   from sft_jax.train import sharding  # pylint: disable=g-import-not-at-top
   from sft_jax.train import model_setup
   from sft_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -158,6 +164,8 @@ def run(cfg, steps: int = 5, warmup: int = 2) -> dict:
       "compiled_temp_bytes": getattr(memory, "temp_size_in_bytes", None),
       "compiled_argument_bytes": getattr(memory, "argument_size_in_bytes",
                                          None),
+      "memory": hlo_stats.memory(compiled),
+      "collectives": hlo_stats.collectives(compiled.as_text()),
   }
 
 

@@ -25,6 +25,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from sft_jax.models.sharding import constrain
+
+# Chunk layouts: rows stay data-parallel, logits split over the vocabulary.
+_BCD = ("batch", "length", "act_embed")
+_BCV = ("batch", "length", "act_vocab")
+
 
 def token_losses(hidden_BxTxD: jax.Array, w_DxV: jax.Array,
                  targets_BxT: jax.Array,
@@ -58,7 +64,9 @@ def token_losses(hidden_BxTxD: jax.Array, w_DxV: jax.Array,
   # time instead of saving them all.
   @jax.checkpoint
   def one_chunk(h_BxCxD, t_BxC):
-    logits_BxCxV = logits_fn(h_BxCxD, w_DxV).astype(jnp.float32)
+    h_BxCxD = constrain(h_BxCxD, _BCD)
+    logits_BxCxV = constrain(logits_fn(h_BxCxD, w_DxV).astype(jnp.float32),
+                             _BCV)
     log_z_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
     target_logit_BxC = jnp.take_along_axis(
         logits_BxCxV, t_BxC[..., None], axis=-1)[..., 0]
@@ -99,7 +107,8 @@ def _weighted_ce_scan(hidden_BxTxD, w_DxV, targets_BxT, nll_weight_BxT,
 
   def body(dw_DxV, x):
     h_BxCxD, t_BxC, nw_BxC, zw_BxC = x
-    f = lambda h, w: logits_fn(h, w).astype(jnp.float32)
+    h_BxCxD = constrain(h_BxCxD, _BCD)
+    f = lambda h, w: constrain(logits_fn(h, w).astype(jnp.float32), _BCV)
     if with_grads:
       logits_BxCxV, vjp = jax.vjp(f, h_BxCxD, w_DxV)
     else:

@@ -347,12 +347,15 @@ def make_train_step(cfg: config_dict.ConfigDict,
   # LoRA dropout draws its masks from (seed, step, micro-batch), so a
   # resumed run repeats them.
   dropout = model_cfg.lora is not None and model_cfg.lora.dropout > 0
+  rules = sharding.rules_from_config(cfg.sharding.rules)
 
   def micro_loss(trainable, frozen, mb, denom, rng):
     variables = partition.merge(trainable, frozen)
-    return _train_loss(training_model_config(frozen, model_cfg), variables,
-                       mb, denom, chunk, num_sources, z_loss, cfg, objective,
-                       {"dropout": rng} if dropout else None)
+    # Traced here, so the model's activation constraints see the mesh.
+    with models.activation_sharding(mesh, rules):
+      return _train_loss(training_model_config(frozen, model_cfg), variables,
+                         mb, denom, chunk, num_sources, z_loss, cfg, objective,
+                         {"dropout": rng} if dropout else None)
 
   grad_fn = jax.grad(micro_loss, has_aux=True)
 
@@ -417,7 +420,8 @@ def make_train_step(cfg: config_dict.ConfigDict,
 
 
 def make_eval_step(cfg: config_dict.ConfigDict,
-                   model_cfg: "models.ModelConfig"
+                   model_cfg: "models.ModelConfig",
+                   mesh: jax.sharding.Mesh | None = None
                    ) -> Callable[[TrainState, Batch], dict]:
   """`(state, batch) -> sums` over a [B, T] batch, for the caller to reduce.
 
@@ -426,11 +430,13 @@ def make_eval_step(cfg: config_dict.ConfigDict,
   count, accuracy = correct_sum / count, perplexity = exp(loss).
   """
   chunk, num_sources = cfg.train.ce_chunk, _num_sources(cfg)
+  rules = sharding.rules_from_config(cfg.sharding.rules)
 
   def eval_step(state: TrainState, batch: Batch) -> dict:
-    sums = _eval_sums(training_model_config(state, model_cfg),
-                      partition.merge(state.trainable, state.frozen), batch,
-                      chunk, num_sources)
+    with models.activation_sharding(mesh, rules):
+      sums = _eval_sums(training_model_config(state, model_cfg),
+                        partition.merge(state.trainable, state.frozen), batch,
+                        chunk, num_sources)
     del sums["z_sum"]
     return sums
 
@@ -466,7 +472,7 @@ def jit_eval_step(cfg: config_dict.ConfigDict, model_cfg: "models.ModelConfig",
                   mesh: jax.sharding.Mesh, state_shardings: TrainState,
                   compiler_options: dict | None = None):
   """`make_eval_step` jitted once with explicit shardings (no donation)."""
-  return jax.jit(make_eval_step(cfg, model_cfg),
+  return jax.jit(make_eval_step(cfg, model_cfg, mesh),
                  in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=sharding.replicated(mesh),
                  compiler_options=compiler_options)
