@@ -4,7 +4,7 @@ Used by the tests and the README. Knobs (`configs/tiny.py:KNOB=VALUE,...`):
   model=DIR      a HF checkpoint dir to fine-tune ("" = random tiny Llama)
   data=FILE      training records (JSONL/Parquet/...; any data format)
   tokenizer=DIR  tokenizer ("" = the model's)
-  method=NAME    full | freeze | lora (freeze trains the top layer only)
+  method=NAME    full | freeze | lora | qlora (freeze trains the top layer only)
   steps=N        optimizer steps
 """
 
@@ -39,7 +39,7 @@ def get_config(arg=None):
   c.method.lora.rank = 4
   c.method.lora.alpha = 8.0
 
-  c.optim.lr = 3e-3 if knobs.method == "lora" else 1e-3
+  c.optim.lr = 3e-3 if knobs.method in ("lora", "qlora") else 1e-3
   c.optim.warmup_steps = 4
   c.optim.weight_decay = 0.01
 
