@@ -11,7 +11,7 @@ Used by the tests and the README. Knobs (`configs/tiny.py:KNOB=VALUE,...`):
                  "" = the three sample files in configs/tiny_data/)
   tokenizer=DIR  tokenizer ("" = the model's, or configs/tiny_data/tokenizer
                  for the random model)
-  method=NAME    full | freeze | lora (freeze trains the top layer only)
+  method=NAME    full | freeze | lora | qlora (freeze trains the top layer only)
   steps=N        optimizer steps
 """
 
@@ -47,7 +47,7 @@ def get_config(arg=None):
   c.method.lora.rank = 4
   c.method.lora.alpha = 8.0
 
-  c.optim.lr = 3e-3 if knobs.method == "lora" else 1e-3
+  c.optim.lr = 3e-3 if knobs.method in ("lora", "qlora") else 1e-3
   c.optim.warmup_steps = 4
   c.optim.weight_decay = 0.01
 

@@ -51,3 +51,13 @@ def test_bytes_per_weight():
 def test_bad_block_is_one_clear_error():
   with pytest.raises(ValueError, match="block 48 does not divide the 64"):
     quant.quantize(jnp.zeros((64, 8)), "nf4", 48)
+
+
+def test_qlora_block_size_is_checked_against_the_model():
+  from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import model_setup  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.load_config("configs/tiny.py:method=qlora",
+                               ["--config.method.qlora.block_size=48"])
+  with pytest.raises(ValueError, match=r"method.qlora.block_size=48: .*"
+                     r"\[64, 128\] do not split"):
+    model_setup.model_config(cfg)

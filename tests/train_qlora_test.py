@@ -47,6 +47,7 @@ def _train(cfg):
   model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
   state, shardings = step_lib.init_train_state(cfg, model_cfg, variables, mesh)
   frozen = jax.tree.map(np.asarray, state.frozen)  # the step donates state
+  total = step_lib.param_report(cfg, model_cfg, state)["total_params"]
   train_step = step_lib.jit_train_step(cfg, model_cfg, mesh, shardings,
                                        compiler_options=_FAST)
   losses = []
@@ -55,7 +56,7 @@ def _train(cfg):
                                   model_cfg.vocab_size, i % 2)
     state, m = train_step(state, {k: jnp.asarray(v) for k, v in batch.items()})
     losses.append(float(m["loss"]))
-  return model_cfg, frozen, state, losses
+  return model_cfg, frozen, state, losses, total
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +78,9 @@ def _kernels(tree):
 
 
 def test_qlora_base_is_nf4_in_shards_and_trains_like_lora(runs):
-  _, _, lora_frozen, _, lora_losses = runs["lora"]
-  _, model_cfg, _, _, q_losses = runs["qlora"]
+  _, _, lora_frozen, _, lora_losses, lora_total = runs["lora"]
+  _, model_cfg, _, _, q_losses, q_total = runs["qlora"]
+  assert q_total == lora_total  # weights counted, not codes
   assert model_cfg.quant == "nf4"
   frozen = partition.flat(runs["qlora"][3].frozen)
   codes = frozen["params/layers/mlp/up_proj/kernel/codes"]
@@ -101,6 +103,8 @@ def test_qlora_base_is_nf4_in_shards_and_trains_like_lora(runs):
   # Same data, same adapters' init: the loss tracks LoRA on the bf16 base.
   assert q_losses[-1] < q_losses[0] - 0.1
   gap = abs(q_losses[-1] - lora_losses[-1]) / lora_losses[-1]
+  print(f"loss after {_STEPS} steps: lora {lora_losses[-1]:.4f} qlora "
+        f"{q_losses[-1]:.4f} (gap {gap:.2%})")
   assert gap < 0.03, (q_losses, lora_losses)
 
 
@@ -117,7 +121,7 @@ def _theirs(hf_model):
 
 
 def test_qlora_checkpoint_reloads_and_exports(runs, tmp_path):
-  cfg, model_cfg, _, state, _ = runs["qlora"]
+  cfg, _, _, state, _, _ = runs["qlora"]
   root = runs["root"]
   ckpt = checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints"))
   ckpt.save(_STEPS, loop.checkpointed_part(state), data_state={},

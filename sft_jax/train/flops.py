@@ -74,7 +74,7 @@ def flops_per_token(model_cfg, seq_len: int, method: str = "full",
   attention = 6 * c.num_layers * seq_len * c.num_heads * c.head_dim
   if method == "full":
     return 6 * n + attention
-  if method == "lora":
+  if method in ("lora", "qlora"):  # qlora: the same matmuls, dequantized
     return 4 * n + attention + 6 * lora_params(c)
   if method == "freeze":
     return 4 * n + 2 * trainable_matmul_params + attention

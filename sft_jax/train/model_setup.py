@@ -57,11 +57,24 @@ def model_config(cfg: config_dict.ConfigDict) -> "models.ModelConfig":
                              rslora=cfg.method.lora.rslora,
                              targets=cfg.method.lora.targets,
                              dropout=cfg.method.lora.dropout)
+  base = models.ModelConfig.from_hf_config(hf)
+  if fmt:
+    _check_block(cfg.method.qlora.block_size, base)
   return dataclasses.replace(
-      models.ModelConfig.from_hf_config(hf), dtype=cfg.model.dtype,
+      base, dtype=cfg.model.dtype,
       param_dtype=cfg.model.param_dtype, scan_layers=cfg.model.scan_layers,
       remat=cfg.model.remat, attention_impl=cfg.model.attention,
       lora=lora, quant=fmt, quant_block=cfg.method.qlora.block_size)
+
+
+def _check_block(block: int, m: "models.ModelConfig") -> None:
+  """Every quantized kernel's input rows must split into blocks."""
+  rows = {m.hidden_size, m.intermediate_size, m.num_heads * m.head_dim}
+  bad = sorted(r for r in rows if block <= 0 or block % 2 or r % block)
+  if bad:
+    raise ValueError(f"config method.qlora.block_size={block}: must be even "
+                     f"and divide every kernel's input rows ({sorted(rows)}); "
+                     f"{bad} do not split")
 
 
 def variable_shardings(cfg: config_dict.ConfigDict,

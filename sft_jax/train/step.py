@@ -223,9 +223,11 @@ def param_report(cfg: config_dict.ConfigDict, model_cfg: "models.ModelConfig",
   size = lambda t: sum(x.size for x in jax.tree.leaves(t))
   trainable = size(state.trainable)
   nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
+  # A quantized kernel counts its weights, not its codes and scales.
+  frozen = jax.eval_shape(models.dequantize_params, state.frozen)
   return {
       "trainable_params": trainable,
-      "total_params": size(state.trainable) + size(state.frozen),
+      "total_params": size(state.trainable) + size(frozen),
       "trainable_bytes": nbytes(state.trainable),
       "frozen_bytes": nbytes(state.frozen),
       "opt_state_bytes": nbytes(state.opt_state),
