@@ -9,8 +9,8 @@ top-5 accuracy and MRR on held-out ranking lines, and the general-data loss
 
 Demo scale (CPU, minutes; everything built locally, no downloads):
   python experiments/two_stage_ranking.py --workdir runs/two_stage
-    domain  synthetic incident postmortems: "Incident ...: <service> in
-            <region> reports <symptom> since <time>." -> "Root cause: <X>."
+    domain  synthetic incident postmortems: "Incident <id> in <service>
+            (<region>) since <time>: <symptom>." -> "Root cause: <X>."
             (12 symptoms, each with one root cause)
     ranking the same kind of incident + "Ranked causes:" -> 8 candidate causes,
             the right one first (stage 2 target); held-out lines list the 8
@@ -98,7 +98,7 @@ def get_config(arg=None):
     c.optim.lr = 3e-3
     c.optim.warmup_steps = 10
     c.optim.weight_decay = 0.01
-    c.train.steps = k.steps or (150 if k.stage == 1 else 100)
+    c.train.steps = k.steps or (300 if k.stage == 1 else 150)
     c.train.batch_size = 8
     c.train.seq_len = 256
     c.train.ce_chunk = 256
@@ -153,9 +153,9 @@ RANK_PROMPT = "Ranked causes:\n"
 
 def _incident(rng: random.Random) -> tuple[str, str]:
   symptom = rng.choice(sorted(CAUSES))
-  text = (f"Incident {rng.randint(1000, 9999)}: {rng.choice(SERVICES)} in "
-          f"{rng.choice(REGIONS)} reports {symptom} since "
-          f"{rng.randint(0, 23):02d}:{rng.choice((0, 15, 30, 45)):02d}.\n")
+  text = (f"Incident {rng.randint(1000, 9999)} in {rng.choice(SERVICES)} "
+          f"({rng.choice(REGIONS)}) since {rng.randint(0, 23):02d}:"
+          f"{rng.choice((0, 15, 30, 45)):02d}: {symptom}.\n")
   return text, CAUSES[symptom]
 
 
@@ -203,7 +203,7 @@ def build_inputs(root: str, seed: int = 0) -> str:
                    "completion": "\n".join([c] + others)})
   write(files["rank_train"], ranked)
   rank_eval = []
-  for _ in range(128):
+  for _ in range(64):
     p, c = _incident(rng)
     cands = _candidates(c, rng)
     rank_eval.append({"prompt": p + RANK_PROMPT, "candidates": cands,

@@ -135,3 +135,11 @@ def test_offline_cache_aligned_and_equal_to_online(tmp_path):
   for key in ("train/loss", "train/ce_loss", "train/distill_loss"):
     np.testing.assert_allclose(first_step["offline"][key],
                                first_step["online"][key], rtol=1e-5)
+
+
+def test_distill_cache_bad_config_exits_2(tmp_path, capsys):
+  code = distill_cache.main(["--config", "configs/tiny.py", "--out",
+                             str(tmp_path / "c")])
+  assert code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "distill.top_k must be > 0" in err[0]

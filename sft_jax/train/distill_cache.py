@@ -66,6 +66,10 @@ def build(cfg, out_dir: str, *, batch_size: int = 8) -> dict:
   fn = _topk_fn(teacher_cfg, k, cfg.train.ce_chunk)
   out_dir = os.path.expanduser(out_dir)
   os.makedirs(out_dir, exist_ok=True)
+  meta_path = os.path.join(out_dir, teacher_cache.META)
+  if os.path.exists(meta_path):
+    # Written last: until the new cache is complete the directory is no cache.
+    os.remove(meta_path)
   meta = {"top_k": k, "vocab_size": teacher_cfg.vocab_size,
           "seq_len": seq_len, "teacher": cfg.distill.teacher, "sources": {}}
   for sid, name in enumerate(data.source_names(cfg.data)):
@@ -97,8 +101,7 @@ def build(cfg, out_dir: str, *, batch_size: int = 8) -> dict:
         "tokenized": os.path.basename(p.tokenized.cache_path),
         "rows": int(len(p.rows))}
     print(f"distill-cache: source {name!r}: {len(p.rows)} rows", flush=True)
-  with open(os.path.join(out_dir, teacher_cache.META), "w",
-            encoding="utf-8") as f:
+  with open(meta_path, "w", encoding="utf-8") as f:
     json.dump(meta, f, indent=1)
   return meta
 
