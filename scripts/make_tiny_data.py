@@ -7,6 +7,7 @@ nothing downloaded; this script is how they were made (deterministic):
   alpaca.jsonl             {"instruction", "input", "output"} records
   prompt_completion.jsonl  {"prompt", "completion"} records
   eval.jsonl               held-out {"messages"} records (eval sets)
+  score.jsonl              {"prompt", "candidates"} lines for `sft-jax score`
   tokenizer/               a 320-token byte-level BPE with a ChatML template
 
 Usage: python scripts/make_tiny_data.py [OUT_DIR]
@@ -70,6 +71,11 @@ def write(out: str) -> None:
       {"messages": [{"role": "user", "content": q},
                     {"role": "assistant", "content": a}]}
       for q, a in records(16, seed=4)])
+
+  pairs = records(8, seed=6)
+  dump("score.jsonl", [
+      {"prompt": q, "candidates": [a, pairs[(i + 1) % len(pairs)][1]]}
+      for i, (q, a) in enumerate(pairs)])
 
   import tokenizers  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top

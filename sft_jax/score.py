@@ -8,7 +8,9 @@ Each input line is one of
                                            best-ranked right candidate
 where logprob = sum over completion tokens of log p(token | everything before).
 Token ids are `tokenizer(prompt)` (the tokenizer's default special tokens)
-followed by `tokenizer(completion, add_special_tokens=False)`.
+followed by `tokenizer(completion, add_special_tokens=False)`; with --chat the
+prompt is a user turn rendered by the model's chat template, up to and
+including the assistant header (as `sft-jax generate` renders it).
 
 Over the labelled lines, `ranking_metrics` gives top-1 and top-5 accuracy (a
 right candidate ranked first / within the first five) and the mean reciprocal
@@ -46,8 +48,11 @@ class _Request(NamedTuple):
   labels: tuple = ()   # indices of the right candidates (ranking lines)
 
 
-def read_requests(path: str, tokenizer) -> list:
-  """Parses and tokenizes every line of `path`; raises ScoreInputError."""
+def read_requests(path: str, tokenizer, *, chat: bool = False) -> list:
+  """Parses and tokenizes every line of `path`; raises ScoreInputError.
+
+  chat: render each prompt as a user turn with the tokenizer's template.
+  """
   from sft_jax.infer import prompting  # pylint: disable=g-import-not-at-top
   try:
     records = prompting.read_jsonl(path)
@@ -73,7 +78,13 @@ def read_requests(path: str, tokenizer) -> list:
         raise ScoreInputError(
             f"{where}: 'candidates' must be a non-empty list of strings")
     labels = _labels(record, where, len(texts)) if not has_completion else ()
-    prompt_ids = list(tokenizer(prompt)["input_ids"])
+    if chat:
+      try:
+        prompt_ids = prompting.encode_prompt(tokenizer, prompt)
+      except ValueError as e:
+        raise ScoreInputError(f"{where}: --chat: {e}") from None
+    else:
+      prompt_ids = list(tokenizer(prompt)["input_ids"])
     if not prompt_ids:
       raise ScoreInputError(
           f"{where}: the prompt tokenizes to no tokens, so the first "
@@ -249,8 +260,15 @@ def _parse_args(argv):
           "log p(completion token | all before); the prompt is tokenized with "
           "the tokenizer's default special tokens, the completion without."))
   p.add_argument("--model", required=True,
-                 help="Hugging Face model directory or hub id (safetensors); "
-                      "its tokenizer is loaded from the same place")
+                 help="a run directory (sft-jax train --workdir), or a Hugging "
+                      "Face model directory or hub id (safetensors); the "
+                      "tokenizer comes from the same place")
+  p.add_argument("--step", type=int, default=None,
+                 help="checkpoint step of a run (default: the latest)")
+  p.add_argument("--chat", action="store_true",
+                 help="render each prompt as a user turn with the model's "
+                      "chat template (as `sft-jax generate` does); default: "
+                      "the prompt text as is")
   p.add_argument("--data", required=True, help="input JSONL file")
   p.add_argument("--out", required=True, help="output JSONL file")
   p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
@@ -266,15 +284,28 @@ def _parse_args(argv):
 def main(argv=None) -> int:
   args = _parse_args(argv)
   import transformers  # pylint: disable=g-import-not-at-top
+  from sft_jax.infer import loading  # pylint: disable=g-import-not-at-top
 
+  run = loading.is_run_dir(args.model)
   try:
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
-    requests = read_requests(args.data, tokenizer)
+    if args.step is not None and not run:
+      raise ScoreInputError(f"--step applies to run directories; "
+                            f"{args.model!r} has no checkpoints/ folder")
+    if run:
+      loaded = loading.load(args.model, step=args.step, dtype=args.dtype,
+                            merge_lora=True)
+      tokenizer = loaded.tokenizer
+    else:
+      tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
+    requests = read_requests(args.data, tokenizer, chat=args.chat)
   except OSError as e:
     raise errors.UserError(f"{args.model}: cannot load the tokenizer ({e})",
                            what="model") from e
-  model_cfg, params = models.load_hf(args.model, dtype=args.dtype)
-  model_cfg = dataclasses.replace(model_cfg, dtype=args.dtype)
+  if run:
+    model_cfg, params = loaded.model_cfg, loaded.variables["params"]
+  else:
+    model_cfg, params = models.load_hf(args.model, dtype=args.dtype)
+    model_cfg = dataclasses.replace(model_cfg, dtype=args.dtype)
   records = []
   with open(args.out, "w", encoding="utf-8") as f:
     for record in score_requests(model_cfg, params, requests,

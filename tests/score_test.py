@@ -165,3 +165,49 @@ def test_training_eval_ranking_equals_score(tmp_path, model_dir):
   for key in ("top1", "top5", "mrr"):
     np.testing.assert_allclose(got[f"eval/rank/{key}"], want[key], rtol=1e-12)
   assert 0 < want["mrr"] < 1
+
+
+def test_chat_renders_the_prompt_as_a_user_turn(tmp_path, model_dir):
+  lines = [json.dumps({"prompt": p, "completion": c}) for p, c in PROMPTS]
+  rc, out = _run(tmp_path, model_dir, lines, "--chat")
+  assert rc == 0
+  results = [json.loads(l) for l in out.read_text().splitlines()]
+  hf_model = tiny_hf.load_hf(model_dir)
+  tok = tiny_tok.make_tokenizer()
+  for (prompt, completion), got in zip(PROMPTS, results):
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                   add_generation_prompt=True, tokenize=False)
+    p_ids = tok(text, add_special_tokens=False)["input_ids"]
+    c_ids = tok(completion, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p_ids + c_ids])
+    with torch.no_grad():
+      logp = torch.log_softmax(hf_model(ids).logits.double(), -1)[0]
+    want = sum(float(logp[len(p_ids) - 1 + j, c])
+               for j, c in enumerate(c_ids))
+    np.testing.assert_allclose(got["logprob"], want, atol=1e-4, rtol=1e-5)
+
+
+def test_a_run_directory_scores_as_its_merged_export(tmp_path):
+  from sft_jax.infer import cli as infer_cli  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import loop  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.load_config("configs/tiny.py:method=lora,steps=2", [
+      f"--config.data.cache_dir={tmp_path / 'cache'}"])
+  assert loop.train(cfg, str(tmp_path / "run"), progress=False).exit_code == 0
+  assert infer_cli.export_main(["--run", str(tmp_path / "run"), "--out",
+                                str(tmp_path / "hf"), "--merge"]) == 0
+  lines = [json.dumps({"prompt": "What is 2 plus 3?",
+                       "candidates": ["2 plus 3 is 5.", "STONE"]}),
+           json.dumps({"prompt": "Say hello to Ada.",
+                       "completion": "Hello, Ada!"})]
+  got = {}
+  for name, model in (("run", tmp_path / "run"), ("hf", tmp_path / "hf")):
+    step = ["--step", "2"] if name == "run" else []
+    rc, out = _run(tmp_path, model, lines, "--chat", *step)
+    assert rc == 0
+    got[name] = [json.loads(l) for l in out.read_text().splitlines()]
+  np.testing.assert_allclose(got["run"][0]["logprobs"],
+                             got["hf"][0]["logprobs"], rtol=1e-5)
+  np.testing.assert_allclose(got["run"][1]["logprob"], got["hf"][1]["logprob"],
+                             rtol=1e-5)
+  assert got["run"][0]["ranking"] == got["hf"][0]["ranking"]

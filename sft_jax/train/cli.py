@@ -36,9 +36,13 @@ automatically; elsewhere start each process with --coordinator,
 """
 
 _EPILOG = """\
-examples:
-  sft-jax train --config configs/tiny.py:data=train.jsonl,tokenizer=TOK_DIR \\
-      --workdir runs/tiny
+examples (offline, from the repository root; configs/tiny.py ships its data):
+  sft-jax train --config configs/tiny.py --workdir runs/tiny
+  sft-jax train --config configs/tiny.py:method=lora --workdir runs/tiny_lora \\
+      --config.train.epochs=2 --config.method.lora.dropout=0.1 \\
+      --config.eval.on_start=true --config.eval.every_steps=10
+
+a real model (downloaded from the hub once):
   sft-jax train --config configs/presets/llama3_1b.py:method=lora \\
       --workdir runs/l1b --config.optim.lr=2e-4 --config.train.steps=500
 """
