@@ -78,7 +78,8 @@ def _lr_by_step(workdir):
 
 def test_refuses_another_base_tokenizer_or_lora_shape(run, capsys):
   d, workdir = run
-  before = (workdir / "metrics.jsonl").read_text()
+  before = [(workdir / f).read_text() for f in ("metrics.jsonl",
+                                                "config.json")]
   more = dict(steps=_STEPS + 2)  # a resume that would train
   keep = ("--schedule-on-resume", "keep")
   _refused(capsys, _argv(d, workdir, *keep, base="other_base", **more),
@@ -99,7 +100,8 @@ def test_refuses_another_base_tokenizer_or_lora_shape(run, capsys):
              "the base model's content changed")
   finally:
     shutil.copy(moved / "model.safetensors", d / "base" / "model.safetensors")
-  assert (workdir / "metrics.jsonl").read_text() == before
+  assert [(workdir / f).read_text()
+          for f in ("metrics.jsonl", "config.json")] == before
   # The same content under another path is the same base: no refusal.
   from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   from sft_jax.train import resume  # pylint: disable=g-import-not-at-top
@@ -145,3 +147,24 @@ def test_longer_steps_need_an_explicit_schedule_choice(run, capsys):
     assert logged[s] == pytest.approx(float(old(s - 1)), rel=1e-6, abs=1e-12)
   saved = json.loads((kept / "config.json").read_text())
   assert saved["optim"]["schedule_steps"] == _STEPS
+
+
+def test_allowed_change_onto_other_shapes_is_still_one_line(run, capsys):
+  d, workdir = run
+  if not (d / "wide_base").exists():
+    tiny_hf.make_tiny_hf("qwen2", d / "wide_base", vocab_size=320,
+                         hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=512)
+  before = [(workdir / f).read_text() for f in ("metrics.jsonl",
+                                                "config.json")]
+  line = _refused(capsys, _argv(d, workdir, "--allow-resume-change",
+                                "--schedule-on-resume", "keep",
+                                base="wide_base", steps=_STEPS + 2),
+                  "does not fit the configured model")
+  assert f"{workdir / 'checkpoints'}/{_STEPS}" in line
+  # The failed resume left the run as it was: the next resume compares
+  # against the run's own config.
+  assert [(workdir / f).read_text()
+          for f in ("metrics.jsonl", "config.json")] == before

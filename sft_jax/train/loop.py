@@ -271,10 +271,11 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
 
   tok = _load_tokenizer(cfg, workdir, resume_step is not None)
   tok_dir = os.path.join(workdir, "tokenizer")
-  if is_main:
+  if is_main and resume_step is None:
+    # A resume rewrites config.json only once its checkpoint is restored: a
+    # refused or failed resume leaves the run as it was.
     config_lib.save_config(cfg, os.path.join(workdir, "config.json"))
-    if resume_step is None:
-      tok.save_pretrained(tok_dir)
+    tok.save_pretrained(tok_dir)
   tokenizer_files = checkpoint_lib.read_files(tok_dir) if is_main else {}
 
   mesh = sharding.make_mesh(cfg.mesh)
@@ -317,6 +318,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
           "--workdir") from e
     state = state.replace(**restored)
     batches.set_state(host_state["iterator"])
+    if is_main:
+      config_lib.save_config(cfg, os.path.join(workdir, "config.json"))
     if early is not None and host_state.get("early_stopping"):
       early.load_state_dict(host_state["early_stopping"])
   start = int(jax.device_get(state.step))
