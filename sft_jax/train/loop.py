@@ -240,7 +240,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
 
   resume_change: resume even if the base model, tokenizer or architecture
     differ from the run's start (see resume.py); schedule_on_resume: "keep"
-    or "stretch" when a resume changes train.steps.
+    "stretch" or "restart" when a resume changes train.steps.
   """
   is_main = jax.process_index() == 0
   workdir = os.path.abspath(workdir)
