@@ -55,7 +55,8 @@ def get_config(arg=None):
   c.optim.weight_decay = 0.0  # Decoupled weight decay (times lr).
   c.optim.wd_exclude = r"norm|bias|embed"  # Param-path regex kept out of weight decay.
   c.optim.clip_norm = 1.0  # Global gradient-norm clipping (0 = off).
-  c.optim.schedule_steps = 0  # Schedule length (0 = train.steps); set by `train --schedule-on-resume keep`.
+  c.optim.schedule_steps = 0  # Step the schedule ends at (0 = train.steps); set by `train --schedule-on-resume keep`.
+  c.optim.schedule_start = 0  # Step the schedule (warmup, decay) starts at; set by `--schedule-on-resume restart`.
 
   c.train = config_dict.ConfigDict()
   c.train.steps = 1000  # Optimizer steps (also the schedule's length).

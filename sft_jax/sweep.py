@@ -383,7 +383,10 @@ def run_sweep(spec: str, workdir: str, *, parallel: int = 1,
 
 def _check_with_train_config(spec: str, overrides: list[str]):
   from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
-  config_lib.load_config(spec, overrides=overrides)
+  from sft_jax.train import validate  # pylint: disable=g-import-not-at-top
+  # Values only: the points may train on another machine, with other files.
+  validate.validate(config_lib.load_config(spec, overrides=overrides),
+                    sources=False)
 
 
 def _parser() -> argparse.ArgumentParser:

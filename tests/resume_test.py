@@ -18,6 +18,8 @@ from sft_jax import cli
 from sft_jax import errors
 
 _STEPS = 3
+# No warmup and a non-zero final lr, so the schedule choices differ in value.
+_SCHEDULE = ("--config.optim.warmup_steps=0", "--config.optim.end_lr_ratio=0.1")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def _argv(d, workdir, *extra, base="base", tok="tok", steps=_STEPS):
           f"tokenizer={d / tok},method=lora,steps={steps}",
           "--workdir", str(workdir), "--no-progress",
           "--config.log.every_steps=1", "--config.checkpoint.every_steps=0",
-          "--config.checkpoint.async_save=false", *extra]
+          "--config.checkpoint.async_save=false", *_SCHEDULE, *extra]
 
 
 def _refused(capsys, argv, *needles):
@@ -78,7 +80,8 @@ def _lr_by_step(workdir):
 
 def test_refuses_another_base_tokenizer_or_lora_shape(run, capsys):
   d, workdir = run
-  before = (workdir / "metrics.jsonl").read_text()
+  before = [(workdir / f).read_text() for f in ("metrics.jsonl",
+                                                "config.json")]
   more = dict(steps=_STEPS + 2)  # a resume that would train
   keep = ("--schedule-on-resume", "keep")
   _refused(capsys, _argv(d, workdir, *keep, base="other_base", **more),
@@ -99,7 +102,8 @@ def test_refuses_another_base_tokenizer_or_lora_shape(run, capsys):
              "the base model's content changed")
   finally:
     shutil.copy(moved / "model.safetensors", d / "base" / "model.safetensors")
-  assert (workdir / "metrics.jsonl").read_text() == before
+  assert [(workdir / f).read_text()
+          for f in ("metrics.jsonl", "config.json")] == before
   # The same content under another path is the same base: no refusal.
   from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   from sft_jax.train import resume  # pylint: disable=g-import-not-at-top
@@ -117,31 +121,58 @@ def test_longer_steps_need_an_explicit_schedule_choice(run, capsys):
   from sft_jax.train import optim  # pylint: disable=g-import-not-at-top
   d, workdir = run
   cfg = config_lib.load_config(
-      f"configs/tiny.py:method=lora,steps={_STEPS}")
-  old = optim.schedule(cfg.optim, _STEPS)
-  new = optim.schedule(cfg.optim, _STEPS + 2)
+      f"configs/tiny.py:method=lora,steps={_STEPS}", _SCHEDULE)
+  sched = {"kept": optim.schedule(cfg.optim, _STEPS),
+           "stretched": optim.schedule(cfg.optim, _STEPS + 2),
+           "restarted": optim.schedule(cfg.optim, _STEPS + 2, start=_STEPS)}
+  lr = {k: [float(f(c)) for c in range(_STEPS + 2)] for k, f in sched.items()}
+  # The three choices differ from the first step after the resume on.
+  assert len({round(v[_STEPS], 12) for v in lr.values()}) == 3, lr
   line = _refused(capsys, _argv(d, workdir, steps=_STEPS + 2),
                   f"train.steps: was {_STEPS}, now {_STEPS + 2}",
                   "--schedule-on-resume keep")
-  assert f"lr at step {_STEPS}: {float(old(_STEPS)):.3e}" in line
-  assert f"stretched {float(new(_STEPS)):.3e}" in line
+  assert (f"lr of step {_STEPS + 1}: {lr['kept'][_STEPS]:.3e} kept, "
+          f"{lr['stretched'][_STEPS]:.3e} stretched, "
+          f"{lr['restarted'][_STEPS]:.3e} restarted") in line
 
-  # `keep`: the steps past the original length follow the original schedule.
-  logged = _lr_by_step(workdir)
   # The lr logged at step s is the schedule's value at s - 1 (the update of
-  # step s is the (s-1)-th of the optimizer).
+  # step s is the optimizer's (s-1)-th).
+  logged = _lr_by_step(workdir)
   for s in range(1, _STEPS + 1):
-    assert logged[s] == pytest.approx(float(old(s - 1)), rel=1e-6)
-  kept = d / "kept"
-  shutil.copytree(workdir, kept)
-  rc = cli.main(_argv(d, kept, "--schedule-on-resume", "keep",
-                      steps=_STEPS + 2))
-  out = capsys.readouterr().out
-  assert rc == 0
-  assert f"schedule kept: lr at step {_STEPS} {float(old(_STEPS)):.3e}" in out
-  logged = _lr_by_step(kept)
-  assert sorted(logged) == list(range(1, _STEPS + 3))
-  for s in range(_STEPS + 1, _STEPS + 3):
-    assert logged[s] == pytest.approx(float(old(s - 1)), rel=1e-6, abs=1e-12)
-  saved = json.loads((kept / "config.json").read_text())
-  assert saved["optim"]["schedule_steps"] == _STEPS
+    assert logged[s] == pytest.approx(lr["kept"][s - 1], rel=1e-6)
+  for choice, name, key in (("keep", "kept", "schedule_steps"),
+                            ("restart", "restarted", "schedule_start")):
+    resumed = d / name
+    shutil.copytree(workdir, resumed)
+    rc = cli.main(_argv(d, resumed, "--schedule-on-resume", choice,
+                        steps=_STEPS + 2))
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert f"schedule {name}" in out
+    logged = _lr_by_step(resumed)  # also: each step logged once
+    assert sorted(logged) == list(range(1, _STEPS + 3))
+    for s in range(_STEPS + 1, _STEPS + 3):
+      assert logged[s] == pytest.approx(lr[name][s - 1], rel=1e-6), (choice, s)
+    saved = json.loads((resumed / "config.json").read_text())
+    assert saved["optim"][key] == _STEPS
+
+
+def test_allowed_change_onto_other_shapes_is_still_one_line(run, capsys):
+  d, workdir = run
+  if not (d / "wide_base").exists():
+    tiny_hf.make_tiny_hf("qwen2", d / "wide_base", vocab_size=320,
+                         hidden_size=64, intermediate_size=96,
+                         num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16,
+                         max_position_embeddings=512)
+  before = [(workdir / f).read_text() for f in ("metrics.jsonl",
+                                                "config.json")]
+  line = _refused(capsys, _argv(d, workdir, "--allow-resume-change",
+                                "--schedule-on-resume", "keep",
+                                base="wide_base", steps=_STEPS + 2),
+                  "does not fit the configured model")
+  assert f"{workdir / 'checkpoints'}/{_STEPS}" in line
+  # The failed resume left the run as it was: the next resume compares
+  # against the run's own config.
+  assert [(workdir / f).read_text()
+          for f in ("metrics.jsonl", "config.json")] == before

@@ -151,9 +151,9 @@ template. Commands: /reset starts over, /exit (or Ctrl-D) quits.""",
   from sft_jax.infer import prompting  # pylint: disable=g-import-not-at-top
   loaded = _load(args, args.model)
   if loaded.tokenizer.chat_template is None:
-    print(f"{args.model}: the tokenizer has no chat template; use "
-          "`sft-jax generate --raw` instead", file=sys.stderr)
-    return 2
+    raise errors.UserError(f"{args.model}: the tokenizer has no chat "
+                           "template; use `sft-jax generate --raw` instead",
+                           what="model")
   opening = ([{"role": "system", "content": args.system}]
              if args.system else [])
   messages = list(opening)

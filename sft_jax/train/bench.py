@@ -177,11 +177,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(rest)
   if args.steps < 1 or args.warmup < 0:
     parser.error("--steps must be >= 1 and --warmup >= 0")
-  try:
-    cfg = config_lib.load_config(args.config, overrides)
-  except config_lib.ConfigError as e:
-    print(f"sft-jax bench: {e}", file=sys.stderr)
-    return 2
+  cfg = config_lib.load_config(args.config, overrides)
+  from sft_jax.train import validate  # pylint: disable=g-import-not-at-top
+  validate.validate(cfg, sources=False)  # values, before compiling anything
   result = run(cfg, steps=args.steps, warmup=args.warmup)
   text = json.dumps(result, indent=2)
   print(text)

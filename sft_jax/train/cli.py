@@ -70,12 +70,14 @@ def _parser() -> argparse.ArgumentParser:
                       "template or architecture differ from the run's start "
                       "(refused otherwise: it would silently continue "
                       "another run)")
-  p.add_argument("--schedule-on-resume", choices=("keep", "stretch"),
-                 default=None,
-                 help="when a resume raises train.steps: `keep` continues the "
-                      "original learning-rate schedule (past its end the lr "
-                      "stays at its final value); `stretch` recomputes it "
-                      "over the new length (the lr jumps). Required then.")
+  p.add_argument("--schedule-on-resume",
+                 choices=("keep", "stretch", "restart"), default=None,
+                 help="required when a resume changes train.steps: `keep` "
+                      "continues the original learning-rate schedule (past "
+                      "its end the lr stays at its final value); `stretch` "
+                      "recomputes it over the new length (the lr jumps); "
+                      "`restart` warms up and decays again from the resume "
+                      "step to the new train.steps")
   return p
 
 

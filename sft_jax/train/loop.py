@@ -207,7 +207,7 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
 
   resume_change: resume even if the base model, tokenizer or architecture
     differ from the run's start (see resume.py); schedule_on_resume: "keep"
-    or "stretch" when a resume changes train.steps.
+    "stretch" or "restart" when a resume changes train.steps.
   """
   is_main = jax.process_index() == 0
   workdir = os.path.abspath(workdir)
@@ -247,10 +247,11 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
 
   tok = _load_tokenizer(cfg, workdir, resume_step is not None)
   tok_dir = os.path.join(workdir, "tokenizer")
-  if is_main:
+  if is_main and resume_step is None:
+    # A resume rewrites config.json only once its checkpoint is restored: a
+    # refused or failed resume leaves the run as it was.
     config_lib.save_config(cfg, os.path.join(workdir, "config.json"))
-    if resume_step is None:
-      tok.save_pretrained(tok_dir)
+    tok.save_pretrained(tok_dir)
   tokenizer_files = checkpoint_lib.read_files(tok_dir) if is_main else {}
 
   mesh = sharding.make_mesh(cfg.mesh)
@@ -304,6 +305,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
     state = state.replace(**restored)
     batches.set_state(host_state["iterator"])
     seen.load_state_dict(host_state.get("examples_seen"))
+    if is_main:
+      config_lib.save_config(cfg, os.path.join(workdir, "config.json"))
     if early is not None and host_state.get("early_stopping"):
       early.load_state_dict(host_state["early_stopping"])
   start = int(jax.device_get(state.step))

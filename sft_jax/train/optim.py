@@ -14,9 +14,16 @@ from ml_collections import config_dict
 from sft_jax.train import partition
 
 
-def schedule(optim_cfg: config_dict.ConfigDict,
-             total_steps: int) -> optax.Schedule:
-  """Linear warmup 0 -> lr, then cosine / linear decay or constant."""
+def schedule(optim_cfg: config_dict.ConfigDict, total_steps: int, *,
+             start: int = 0) -> optax.Schedule:
+  """Linear warmup 0 -> lr, then cosine / linear decay or constant.
+
+  The schedule runs from optimizer step `start` (before it: its first value)
+  to `total_steps`; a resume that restarts the decay sets `start`.
+  """
+  if start:
+    inner = schedule(optim_cfg, total_steps - start)
+    return lambda count: inner(jnp.maximum(count - start, 0))
   lr, warmup = optim_cfg.lr, optim_cfg.warmup_steps
   end = lr * optim_cfg.end_lr_ratio
   decay_steps = max(1, total_steps - warmup)
@@ -46,15 +53,17 @@ def weight_decay_mask(tree: partition.Tree, exclude: str) -> partition.Tree:
       lambda p, _: not (pattern and pattern.search(p)), tree)
 
 
-def make_optimizer(optim_cfg: config_dict.ConfigDict, total_steps: int,
-                   wd_mask) -> optax.GradientTransformation:
+def make_optimizer(optim_cfg: config_dict.ConfigDict, total_steps: int | None,
+                   wd_mask, *, lr: optax.Schedule | None = None
+                   ) -> optax.GradientTransformation:
   """Global-norm clipping, then the update rule with weight decay.
 
   Weight decay is decoupled and multiplied by the learning rate, applied only
   where `wd_mask` (a bool tree like the params, or a function params -> such
-  a tree) is True: by default never norms, biases or embeddings.
+  a tree) is True: by default never norms, biases or embeddings. `lr`
+  replaces the schedule built from `total_steps`.
   """
-  lr = schedule(optim_cfg, total_steps)
+  lr = schedule(optim_cfg, total_steps) if lr is None else lr
   wd = optim_cfg.weight_decay
   name = optim_cfg.name
   moment_dtype = optim_cfg.moment_dtype

@@ -8,7 +8,7 @@ or method would silently continue some other run, so it is refused with one
 line (`ResumeError`) unless `--allow-resume-change` says it is meant.
 
 A resume that changes `train.steps` changes the learning-rate schedule; the
-choice is explicit (`--schedule-on-resume keep|stretch`) and its effect on
+choice is explicit (`--schedule-on-resume keep|stretch|restart`) and its effect on
 the learning rate is printed.
 """
 
@@ -138,30 +138,49 @@ def check(cfg: config_dict.ConfigDict, workdir: str, resume_step: int, *,
 
 def _check_schedule(cfg, old: dict, resume_step: int, choice: str | None,
                     write: Callable[[str], None]) -> None:
+  """A schedule is (start, end) in optimizer steps; see optim.schedule."""
   old_steps = old.get("train.steps")
-  old_len = old.get("optim.schedule_steps") or old_steps
-  new_len = cfg.optim.schedule_steps or cfg.train.steps
-  if old_len is None or new_len == old_len:
+  if old_steps is None:
     return
-  if cfg.optim.schedule_steps == 0 and cfg.train.steps == old_steps:
-    # An earlier resume chose `keep`; the same command keeps it.
-    cfg.optim.schedule_steps = old_len
+  old_start = old.get("optim.schedule_start") or 0
+  old_end = old.get("optim.schedule_steps") or old_steps
+  new = (cfg.optim.schedule_start, cfg.optim.schedule_steps or cfg.train.steps)
+  if new == (old_start, old_end):
     return
-  lr_then = float(optim.schedule(cfg.optim, old_len)(resume_step))
-  stretched = float(optim.schedule(cfg.optim, new_len)(resume_step))
+  if (cfg.train.steps == old_steps and cfg.optim.schedule_steps == 0 and
+      cfg.optim.schedule_start == 0):
+    # An earlier resume made a choice; the same command keeps it.
+    cfg.optim.schedule_start = old_start
+    cfg.optim.schedule_steps = old.get("optim.schedule_steps") or 0
+    return
+
+  def lr(start, end):  # the lr of the first step after the resume
+    return float(optim.schedule(cfg.optim, end, start=start)(resume_step))
+
+  then, stretched = lr(old_start, old_end), lr(old_start, cfg.train.steps)
+  restarted = lr(resume_step, cfg.train.steps)
+  nxt = resume_step + 1
   if choice is None:
     raise errors.ResumeError(
         f"train.steps: was {old_steps}, now {cfg.train.steps}, which changes "
-        f"the learning-rate schedule (lr at step {resume_step}: "
-        f"{lr_then:.3e}, stretched {stretched:.3e}); choose "
-        "--schedule-on-resume keep (continue the original schedule) or "
-        "stretch (recompute it over the new length)")
+        f"the learning-rate schedule (lr of step {nxt}: {then:.3e} kept, "
+        f"{stretched:.3e} stretched, {restarted:.3e} restarted); choose "
+        "--schedule-on-resume keep (continue the original schedule), stretch "
+        "(recompute it over the new length) or restart (warmup and decay "
+        "again from here)")
+  cfg.optim.schedule_start = old_start
   if choice == "keep":
-    cfg.optim.schedule_steps = old_len
-    end = float(optim.schedule(cfg.optim, old_len)(old_len))
-    write(f"schedule kept: lr at step {resume_step} {lr_then:.3e}; the "
-          f"original schedule ends at step {old_len}, after which the lr "
-          f"stays {end:.3e}")
+    cfg.optim.schedule_steps = old_end
+    end = float(optim.schedule(cfg.optim, old_end, start=old_start)(old_end))
+    write(f"schedule kept: lr of step {nxt} {then:.3e}; the original "
+          f"schedule ends at step {old_end}, after which the lr stays "
+          f"{end:.3e}")
+  elif choice == "stretch":
+    cfg.optim.schedule_steps = 0
+    write(f"schedule stretched to {cfg.train.steps} steps: lr of step {nxt} "
+          f"{then:.3e} -> {stretched:.3e}")
   else:
-    write(f"schedule stretched to {new_len} steps: lr at step "
-          f"{resume_step} {lr_then:.3e} -> {stretched:.3e}")
+    cfg.optim.schedule_start, cfg.optim.schedule_steps = resume_step, 0
+    write(f"schedule restarted at step {resume_step} (warmup, then decay to "
+          f"step {cfg.train.steps}): lr of step {nxt} {then:.3e} -> "
+          f"{restarted:.3e}")

@@ -152,10 +152,16 @@ def _wd_mask_fn(exclude: str) -> Callable[[dict], dict]:
   return fn
 
 
+def lr_schedule(cfg: config_dict.ConfigDict) -> optax.Schedule:
+  """The run's learning rate by optimizer step (see optim.schedule_* keys)."""
+  return optim.schedule(cfg.optim, cfg.optim.schedule_steps or cfg.train.steps,
+                        start=cfg.optim.schedule_start)
+
+
 def make_optimizer(cfg: config_dict.ConfigDict) -> optax.GradientTransformation:
-  return optim.make_optimizer(
-      cfg.optim, cfg.optim.schedule_steps or cfg.train.steps,
-      _wd_mask_fn(cfg.optim.wd_exclude))
+  return optim.make_optimizer(cfg.optim, None,
+                              _wd_mask_fn(cfg.optim.wd_exclude),
+                              lr=lr_schedule(cfg))
 
 
 def init_train_state(cfg: config_dict.ConfigDict,
@@ -337,7 +343,7 @@ def make_train_step(cfg: config_dict.ConfigDict,
     skipped          1.0 if the update was skipped (train.on_nonfinite=skip)
   """
   tx = make_optimizer(cfg)
-  lr_schedule = optim.schedule(cfg.optim, cfg.train.steps)
+  lr_of_step = lr_schedule(cfg)
   k, chunk = cfg.train.grad_accum, cfg.train.ce_chunk
   num_sources, z_loss = _num_sources(cfg), cfg.train.z_loss
   skip_nonfinite = cfg.train.on_nonfinite == "skip"
@@ -410,7 +416,7 @@ def make_train_step(cfg: config_dict.ConfigDict,
         "grad_norm": grad_norm,
         "update_norm": optim.tree_norm(updates),
         "param_norm": optim.tree_norm(new_state.trainable),
-        "lr": jnp.asarray(lr_schedule(state.step), jnp.float32),
+        "lr": jnp.asarray(lr_of_step(state.step), jnp.float32),
         "finite": finite.astype(jnp.float32),
         "skipped": ((~finite) & skip_nonfinite).astype(jnp.float32),
     }

@@ -39,8 +39,12 @@ def _get(cfg: config_dict.ConfigDict, key: str):
   return node
 
 
-def validate(cfg: config_dict.ConfigDict) -> None:
-  """Raises on the first bad value; see the module docstring."""
+def validate(cfg: config_dict.ConfigDict, *, sources: bool = True) -> None:
+  """Raises on the first bad value; see the module docstring.
+
+  sources: also check the model, tokenizer and data files (False where they
+  live on another machine, e.g. a sweep printing commands for a cluster).
+  """
   for key, choices in _CHOICES.items():
     value = _get(cfg, key)
     if value not in choices:
@@ -58,7 +62,8 @@ def validate(cfg: config_dict.ConfigDict) -> None:
         f"train.batch_size={t.batch_size} is not a multiple of "
         f"train.grad_accum={t.grad_accum}; choose a grad_accum that divides "
         "it")
-  _check_mesh(cfg)
+  if sources:
+    _check_mesh(cfg)
   if cfg.checkpoint.best_metric and cfg.eval.every_steps == 0:
     raise ConfigError(f"checkpoint.best_metric={cfg.checkpoint.best_metric!r}"
                       " needs evaluations: set eval.every_steps > 0")
@@ -78,6 +83,8 @@ def validate(cfg: config_dict.ConfigDict) -> None:
   if model.init == "random" and not model.path and not model.hf_config:
     raise ConfigError("model.hf_config is empty: model.init=random with no "
                       "model.path needs the HF config fields as JSON")
+  if not sources:
+    return
   if model.init == "pretrained":
     preflight.check_model_dir(model.path, "model.path")
   tokenizer = cfg.data.tokenizer or model.path
