@@ -226,3 +226,23 @@ def test_template_that_rewrites_history_splits_the_conversation():
   assert ids.tolist() == tok.apply_chat_template(chat, return_dict=False)
   assert tok.decode(ids[mask > 0]) == (
       "I am fine, thank you.<|im_end|>It is four.<|im_end|>")
+
+
+def test_markers_are_checked_on_the_turns_a_split_conversation_keeps():
+  # Earlier replies are rewritten ("old: ..."), so turn 1 gets its own
+  # example; the markers are compared on the full rendering's stable turn.
+  rewrites = tiny_tok.CHATML_GEN.replace(
+      "{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}",
+      "{% generation %}{{ ('' if loop.last else 'old: ') + m['content'] + "
+      "'<|im_end|>' }}{% endgeneration %}")
+  tok = tiny_tok.make_tokenizer(chat_template=rewrites)
+  chat = CHATS["system_multi"]
+  got = render.Encoder(tok, rewrites, "assistant").encode_all(
+      Example("chat", messages=chat))
+  assert got.split and len(got.examples) == 2 and got.markers == ""
+  got = render.Encoder(tok, rewrites, "assistant", history="full").encode_all(
+      Example("chat", messages=chat))
+  assert len(got.examples) == 1 and got.markers == ""
+  ids, mask = got.examples[0]
+  assert tok.decode(ids[mask > 0]) == (
+      "old: I am fine, thank you.<|im_end|>It is four.<|im_end|>")

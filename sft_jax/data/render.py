@@ -152,9 +152,14 @@ class Encoder:
     pieces = [(t, False, sp, False) for t, sp in zip(plan.texts, plan.spans)]
     check = None
     if (self.has_markers and self.mask_policy != "all" and
-        plan.full_index is not None and not plan.split and
-        all(t.stable for t in plan.turns)):
-      check = (plan.full_index, messages, ex.tools)
+        plan.full_index is not None and plan.spans[plan.full_index]):
+      # Markers are compared on the full rendering, over the turns that are
+      # spans of it (split turns have texts the markers never marked).
+      assistant = [i for i, m in enumerate(messages)
+                   if m["role"] == "assistant"]
+      kept = [assistant.index(t.index) for t in plan.turns
+              if t.stable or self.history == "full"]
+      check = (plan.full_index, messages, ex.tools, kept, len(assistant))
     appended = sum(t.appended_eos for t in plan.turns)
     lost = sum(t.reasoning_lost for t in plan.turns)
     return pieces, (plan.split, appended, lost, check)
@@ -211,7 +216,7 @@ class Encoder:
         markers = None
         if check is not None:
           j = check[0]
-          markers = self._check_markers(check[1], check[2], done[k, j][1],
+          markers = self._check_markers(*check[1:], done[k, j][1],
                                         done[k, j][2], examples_k[j][1])
         out[k] = Encoded(examples_k, split, markers, appended, lost)
       except (RecordError, DataError) as e:
@@ -241,12 +246,16 @@ class Encoder:
         **{**self._specials, **self.template_kwargs})
     return [tuple(s) for s in indices[0]]
 
-  def _check_markers(self, messages, tools, ids, offsets, mask) -> str:
-    """"" when the {% generation %} markers mark what the rule supervises,
-    else the first token where they differ, with both readings."""
+  def _check_markers(self, messages, tools, kept, n_assistant, ids, offsets,
+                     mask) -> str | None:
+    """"" when the {% generation %} markers mark what the rule supervises
+    (over the assistant turns `kept`, by position), else the first token
+    where they differ, with both readings; None when the markers cannot be
+    matched to turns (not one block per assistant turn)."""
     spans = self._marker_spans(messages, tools)
-    if self.mask_policy == "last":
-      spans = spans[-1:]
+    if len(spans) != n_assistant:
+      return None
+    spans = [spans[j] for j in kept]
     ids = list(ids)
     marked = _overlap_mask(offsets, spans)
     n = len(marked)
