@@ -3,8 +3,9 @@
 Layout of `<workdir>/checkpoints/<step>/`:
 
   state/      the TrainState pytree (sharded arrays; written asynchronously)
-  data/       one JSON file per process: that host's Grain iterator state,
-              so a resumed run reads exactly the batches it would have read
+  data/       iterator.json, the Grain iterator state of the global stream
+              (the same on every process), so a resumed run, on any mesh or
+              process count, reads exactly the batches it would have read
   config/     the resolved config (JSON)
   tokenizer/  the tokenizer files, chat template included
   metrics/    eval metrics of that step, when there were any (Orbax's own)
@@ -41,21 +42,26 @@ _NO_METRICS_NOTICE = _NoMetricsNotice()
 
 
 class _ProcessJsonHandler(ocp.CheckpointHandler):
-  """Each process writes its own JSON document (its data iterator state)."""
+  """The data iterator state: one JSON document, written by process 0.
+
+  Every process iterates the same global stream (see data.pipeline), so one
+  state serves any process count and mesh on resume.
+  """
+
+  _NAME = "iterator.json"
 
   def save(self, directory, args):
-    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    (directory / name).write_text(json.dumps(args.item))
+    if jax.process_index() == 0:
+      (directory / self._NAME).write_text(json.dumps(args.item))
 
   def restore(self, directory, args=None):
-    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    path = directory / name
+    path = directory / self._NAME
     if not path.exists():
       found = sorted(p.name for p in directory.iterdir())
       raise ValueError(
-          f"{path}: no data-iterator state for process {jax.process_index()} "
-          f"of {jax.process_count()}; the checkpoint holds {found}. Resume "
-          "with the process count the run was saved with.")
+          f"{path}: no data-iterator state (the directory holds {found}); "
+          "this checkpoint was written by an older layout that kept one "
+          "state per process and cannot be resumed by this version.")
     return json.loads(path.read_text())
 
 

@@ -272,8 +272,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
 
   pipeline = data.make_train_pipeline(
       cfg.data, tok, seq_len=cfg.train.seq_len,
-      batch_size=cfg.train.batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count(), seed=cfg.seed)
+      batch_size=cfg.train.batch_size, seed=cfg.seed,
+      rows=sharding.process_rows(mesh, cfg.train.batch_size))
   batches = iter(pipeline)
   early = None
   if cfg.eval.early_stop_metric:
@@ -300,8 +300,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
   if cfg.eval.every_steps > 0:
     eval_sets = data.make_eval_batches(
         cfg.data, tok, seq_len=cfg.train.seq_len,
-        batch_size=cfg.eval.batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        batch_size=cfg.eval.batch_size,
+        rows=sharding.process_rows(mesh, cfg.eval.batch_size))
   if start == 0:
     tags = ["train/loss"] + [f"eval/{n}/loss" for n in eval_sets]
     writer.write_hparams(config_lib.flatten_config(cfg), tags)
