@@ -221,6 +221,36 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored[_STATE], (restored[_DATA] if with_data else None)
 
+  def restore_newest_readable(self, abstract_state: Any
+                              ) -> tuple[int, Any, Any, list[str]]:
+    """(step, state, data_state, warnings) of the newest readable checkpoint.
+
+    A checkpoint that fails to restore (a truncated or missing file, e.g. a
+    disk filled or a copy cut short) is renamed `<step>.unreadable` (kept
+    for inspection, out of Orbax's sight) and the previous one is tried; each
+    such fall-back is logged and returned as a warning naming the step's
+    directory and the error. Raises the last error when none is readable.
+    """
+    warnings = []
+    steps = sorted(self.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      try:
+        state, data_state = self.restore(step, abstract_state)
+        return step, state, data_state, warnings
+      except Exception as e:  # any unreadable file, whatever Orbax raises
+        if i + 1 == len(steps):
+          raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        msg = (f"checkpoint {self.step_dir(step)} is unreadable "
+               f"({type(e).__name__}: {first[:300]}); falling back to step "
+               f"{steps[i + 1]} and moving it to {step}.unreadable")
+        logging.warning(msg)
+        warnings.append(msg)
+        if jax.process_index() == 0:
+          os.replace(self.step_dir(step), self.step_dir(step) + ".unreadable")
+        self._manager.reload()
+    raise ValueError(f"{self.directory}: no checkpoint to restore")
+
   def restore_state_subset(self, step: int, abstract_subset: Any) -> Any:
     """Restores only the sub-tree of the saved state that `abstract_subset`
     names (e.g. {"step", "trainable"} without the optimizer state)."""

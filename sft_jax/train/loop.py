@@ -29,8 +29,10 @@ from jax.experimental import multihost_utils
 from ml_collections import config_dict
 
 from sft_jax import data
+from sft_jax import models
 from sft_jax.train import checkpoint as checkpoint_lib
 from sft_jax.train import config as config_lib
+from sft_jax.train import distributed
 from sft_jax.train import evaluate
 from sft_jax.train import flops
 from sft_jax.train import metrics_writer
@@ -262,6 +264,11 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
   tokenizer_files = checkpoint_lib.read_files(tok_dir) if is_main else {}
 
   mesh = sharding.make_mesh(cfg.mesh)
+  if cfg.model.path and cfg.model.init == "pretrained":
+    # A hub id is downloaded by process 0 first: with HF_HOME on shared
+    # storage, once per filesystem instead of once per host.
+    distributed.main_process_first(lambda: models.resolve(cfg.model.path),
+                                   "download", cfg.distributed.barrier_timeout_s)
   model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
   state, state_shardings = step_lib.init_train_state(cfg, model_cfg, variables,
                                                      mesh)
@@ -270,10 +277,14 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
   bar.write("params: {trainable_params:,} trainable of {total_params:,}; "
             "optimizer state {opt_state_bytes:,} bytes".format(**report))
 
-  pipeline = data.make_train_pipeline(
-      cfg.data, tok, seq_len=cfg.train.seq_len,
-      batch_size=cfg.train.batch_size, seed=cfg.seed,
-      rows=sharding.process_rows(mesh, cfg.train.batch_size))
+  # Process 0 tokenizes into data.cache_dir first; on storage every host
+  # sees, the others then read its cache instead of tokenizing again.
+  pipeline = distributed.main_process_first(
+      lambda: data.make_train_pipeline(
+          cfg.data, tok, seq_len=cfg.train.seq_len,
+          batch_size=cfg.train.batch_size, seed=cfg.seed,
+          rows=sharding.process_rows(mesh, cfg.train.batch_size)),
+      "tokenize", cfg.distributed.barrier_timeout_s)
   batches = iter(pipeline)
   early = None
   if cfg.eval.early_stop_metric:
@@ -287,7 +298,10 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
     # Drop the fresh arrays before reading the saved ones into their place.
     state = state.replace(trainable=None, opt_state=None)
     del part
-    restored, host_state = ckpt.restore(resume_step, target)
+    resume_step, restored, host_state, warnings = (
+        ckpt.restore_newest_readable(target))
+    for w in warnings:
+      bar.write(f"warning: {w}")
     state = state.replace(**restored)
     batches.set_state(host_state["iterator"])
     if early is not None and host_state.get("early_stopping"):
@@ -298,10 +312,12 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
                                         resume_step=start)
   eval_sets = {}
   if cfg.eval.every_steps > 0:
-    eval_sets = data.make_eval_batches(
-        cfg.data, tok, seq_len=cfg.train.seq_len,
-        batch_size=cfg.eval.batch_size,
-        rows=sharding.process_rows(mesh, cfg.eval.batch_size))
+    eval_sets = distributed.main_process_first(
+        lambda: data.make_eval_batches(
+            cfg.data, tok, seq_len=cfg.train.seq_len,
+            batch_size=cfg.eval.batch_size,
+            rows=sharding.process_rows(mesh, cfg.eval.batch_size)),
+        "tokenize_eval", cfg.distributed.barrier_timeout_s)
   if start == 0:
     tags = ["train/loss"] + [f"eval/{n}/loss" for n in eval_sets]
     writer.write_hparams(config_lib.flatten_config(cfg), tags)
