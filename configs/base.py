@@ -133,5 +133,8 @@ def get_config(arg=None):
   c.sharding.rules.act_mlp = "tensor"  # MLP hidden F.
   c.sharding.rules.act_vocab = "tensor"  # Logits' vocabulary V in the loss chunks.
 
+  c.distributed = config_dict.ConfigDict()
+  c.distributed.barrier_timeout_s = 1800.0  # Multi-host: wait this long at a barrier for the other hosts, then fail.
+
   c.data = data_config.default_config()  # Sources, mixing, packing: see sft_jax/data.
   return c

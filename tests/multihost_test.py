@@ -21,24 +21,42 @@ from train_loop_test import _records, _write_jsonl, REPO  # pylint: disable=g-ba
 import tiny_tok
 
 
+# Two sources mixed 3:1 and packed, so resuming must restore the position of
+# every source, the mixing and the packer.
+_MIX = '''
+from sft_jax.data import config as data_config
+from sft_jax.train import config as config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.get_config_from_file("configs/tiny.py:" + (arg or ""))
+  c.data.sources.train.weight = 3.0
+  c.data.sources.extra = data_config.source_config(path={extra!r}, weight=1.0)
+  return c
+'''
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
 
 
-def _launch(tmp, workdir, env):
+def _launch(tmp, workdir, env, num_processes=2, devices=1, overrides=()):
   port = _free_port()
   procs = []
-  for i in range(2):
+  env = dict(env, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  for i in range(num_processes):
     cmd = [sys.executable, "-m", "sft_jax", "train",
-           "--config", (f"configs/tiny.py:data={tmp / 'train.jsonl'},"
+           "--config", (f"{tmp / 'mix.py'}:data={tmp / 'train.jsonl'},"
                         f"tokenizer={tmp / 'tok'},steps=6"),
            "--workdir", str(workdir), "--no-progress",
-           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-           "--process-id", str(i),
            f"--config.data.cache_dir={tmp / 'cache'}",
-           "--config.checkpoint.every_steps=3", "--config.log.every_steps=1"]
+           "--config.checkpoint.every_steps=3", "--config.log.every_steps=1",
+           *overrides]
+    if num_processes > 1:
+      cmd += ["--coordinator", f"127.0.0.1:{port}", "--num-processes",
+              str(num_processes), "--process-id", str(i)]
     procs.append(subprocess.Popen(cmd, env=env, cwd=REPO,
                                   stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True))
@@ -71,6 +89,8 @@ def setup(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("multihost")
   tiny_tok.make_tokenizer(tmp / "tok")
   _write_jsonl(tmp / "train.jsonl", _records(160, seed=0))
+  _write_jsonl(tmp / "extra.jsonl", _records(40, seed=1))
+  (tmp / "mix.py").write_text(_MIX.format(extra=str(tmp / "extra.jsonl")))
   env = dict(os.environ)
   env.update(
       XLA_FLAGS="--xla_force_host_platform_device_count=1",
@@ -90,8 +110,8 @@ def test_two_processes_train_checkpoint_and_resume_exactly(setup):
   ckpt = workdir / "checkpoints"
   from sft_jax.train import run as run_lib  # pylint: disable=g-import-not-at-top
   assert run_lib.checkpoint_steps(str(workdir)) == [3, 6]
-  names = sorted(os.listdir(ckpt / "6" / "data"))
-  assert "process_0-of-2.json" in names and "process_1-of-2.json" in names
+  # One iterator state for the global stream, whatever the process count.
+  assert "iterator.json" in os.listdir(ckpt / "6" / "data")
   losses = _losses(workdir)
   assert sorted(losses) == [1, 2, 3, 4, 5, 6]
   assert losses[6] < losses[1] - 0.1, losses
@@ -107,3 +127,53 @@ def test_two_processes_train_checkpoint_and_resume_exactly(setup):
   ref = run_lib.load_run(str(workdir)).params
   got = run_lib.load_run(str(resumed)).params
   jax.tree.map(np.testing.assert_array_equal, got, ref)
+
+
+def _assert_losses_close(got, want, steps):
+  for s in steps:
+    np.testing.assert_allclose(got[s], want[s], rtol=1e-5,
+                               err_msg=f"loss at step {s}")
+
+
+@pytest.fixture(scope="module")
+def fsdp8_run(setup):
+  """Mesh A: one process, 8 devices, fsdp=8, 6 steps (checkpoints 3, 6)."""
+  tmp, env = setup
+  workdir = tmp / "fsdp8"
+  _launch(tmp, workdir, env, num_processes=1, devices=8,
+          overrides=["--config.mesh.fsdp=8"])
+  return workdir
+
+
+def test_batch_spanning_processes_equal_one_process(setup, fsdp8_run):
+  """The two-process run of the first test (fsdp over both processes)."""
+  tmp, _ = setup
+  if not (tmp / "run" / "metrics.jsonl").exists():
+    pytest.skip("needs test_two_processes_train_checkpoint_and_resume_exactly")
+  _assert_losses_close(_losses(tmp / "run"), _losses(fsdp8_run), range(1, 7))
+
+
+@pytest.mark.parametrize("how", ["4_devices", "2_processes_tensor"])
+def test_resume_on_another_mesh_equals_uninterrupted(setup, fsdp8_run, how):
+  """3 steps on mesh A, then 3 on mesh B == 6 on A: params and optimizer
+  state resharded by Orbax, the packed and mixed stream continued exactly.
+  B is 4 devices (fsdp=4) in one process, or two processes whose single
+  devices form a tensor axis (both feed the same, replicated rows)."""
+  tmp, env = setup
+  workdir = tmp / f"resumed_{how}"
+  shutil.copytree(fsdp8_run, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "6")
+  if how == "4_devices":
+    outs = _launch(tmp, workdir, env, num_processes=1, devices=4,
+                   overrides=["--config.mesh.fsdp=4"])
+  else:
+    outs = _launch(tmp, workdir, env, num_processes=2, devices=1,
+                   overrides=["--config.mesh.fsdp=1",
+                              "--config.mesh.tensor=2"])
+  assert "Resuming from the checkpoint of step 3" in outs[0][1]
+  _assert_losses_close(_losses(workdir), _losses(fsdp8_run), range(1, 7))
+  from sft_jax.train import run as run_lib  # pylint: disable=g-import-not-at-top
+  ref = run_lib.load_run(str(fsdp8_run)).params
+  got = run_lib.load_run(str(workdir)).params
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6), got, ref)

@@ -5,9 +5,9 @@ Public API:
   load_tokenizer(path_or_hub_id, chat_template=None)
   chat_template(data_cfg, tok) -> str | None  the exact template data uses
   make_train_pipeline(data_cfg, tok, *, seq_len, batch_size, process_index=0,
-                      process_count=1, seed=0) -> grain.IterDataset
+                      process_count=1, seed=0, rows=None) -> grain.IterDataset
   make_eval_batches(data_cfg, tok, *, seq_len, batch_size, process_index=0,
-                    process_count=1) -> {eval set name: [batch, ...]}
+                    process_count=1, rows=None) -> {eval set name: [batch, ...]}
   source_names(data_cfg) / eval_source_names(data_cfg)   index = source_id
   prepare_source(name, src_cfg, data_cfg, tok, *, seq_len)  tokenized + fitted
   DataError                                   bad data or configuration
@@ -25,7 +25,9 @@ Decisions:
   - Lengths are fitted after the cache (too_long: drop, or cut the prompt from
     the left keeping the final reply and BOS; a fully supervised example such
     as raw text is split into rows overlapping by one token).
-  - batch_size is global; each process gets batch_size // process_count rows.
+  - batch_size is global; every process builds the same global batches and
+    keeps `rows` (the mesh's rows for its devices: train.sharding.process_rows)
+    or, without rows, its contiguous 1/process_count block.
 """
 
 from sft_jax.data.config import default_config

@@ -1,12 +1,18 @@
 """The Grain pipeline: cached sources -> shuffled, sharded, mixed, packed batches.
 
 Per source: the indices of usable examples, shuffled by seed with a fresh
-permutation every epoch, repeated forever, then strided by process so each
-host reads only its share. Sources are mixed by weight (a weight is a share of
+permutation every epoch, repeated forever. Sources are mixed by weight (a weight is a share of
 the example stream; a small source is oversampled), each example is shifted
 (inputs = ids[:-1], targets = ids[1:], mask = m[1:]) and then packed with
 Grain's first-fit or best-fit packer into rows of exactly `seq_len` tokens
 with at most `max_segments_per_row` examples, or padded one example a row.
+
+Every process builds the same global stream of packed batches and keeps the
+rows its devices hold (`rows`, from the mesh's batch sharding): replicas of a
+batch shard get identical rows, and the iterator state is the same on every
+process and independent of the process count and mesh, so a run resumes
+exactly on another slice, packing and mixing included. The price is that each
+host packs every row (host CPU, overlapped with the step by prefetching).
 
 Every batch is a dict of numpy arrays [B_local, T]: tokens, targets (int32),
 loss_mask (float32), segment_ids (int32, 0 = padding), positions (int32,
@@ -198,9 +204,32 @@ def pack(ds: grain.IterDataset, data_cfg, seq_len, seed, *, shuffle_bins,
   return ds.map(_rename_packed)
 
 
+def local_rows(batch_size: int, process_index: int = 0,
+               process_count: int = 1, rows=None) -> np.ndarray:
+  """Rows of each global batch a process keeps: `rows` if given (from
+  `train.sharding.process_rows`), else a contiguous 1/process_count block."""
+  if rows is not None:
+    rows = np.asarray(rows, np.int64)
+    if rows.size == 0 or rows.min() < 0 or rows.max() >= batch_size:
+      raise DataError(f"rows {rows.tolist()} are not rows of a batch of "
+                      f"{batch_size}")
+    return rows
+  if batch_size % process_count:
+    raise DataError(f"batch_size {batch_size} is not divisible by "
+                    f"process_count {process_count}")
+  local = batch_size // process_count
+  return np.arange(process_index * local, (process_index + 1) * local)
+
+
+def _keep_rows(rows, batch_size):
+  if len(rows) == batch_size:
+    return lambda b: b
+  return lambda b: {k: v[rows] for k, v in b.items()}
+
+
 def make_train_pipeline(data_cfg, tok, *, seq_len: int, batch_size: int,
                         process_index: int = 0, process_count: int = 1,
-                        seed: int = 0, teacher_cache: str = ""
+                        seed: int = 0, teacher_cache: str = "", rows=None
                         ) -> grain.IterDataset:
   """The infinite training stream of this process's batches.
 
@@ -210,20 +239,20 @@ def make_train_pipeline(data_cfg, tok, *, seq_len: int, batch_size: int,
     seq_len: T, tokens per row.
     batch_size: the GLOBAL batch size; each process gets batch_size //
       process_count rows per batch.
-    process_index, process_count: this host's place among the data readers.
+    process_index, process_count: without `rows`, keep the process_index-th
+      of process_count contiguous blocks of each global batch.
     seed: shuffling and packing seed.
     teacher_cache: an offline teacher directory (`sft-jax distill-cache`):
       batches then also hold teacher_ids (int32) and teacher_logp (float32)
       [B_local, T, K], the teacher's top-k at each position.
+    rows: the rows of each global batch to keep (see local_rows).
 
   Returns:
     A grain IterDataset; `iter()` of it gives an iterator with get_state /
-    set_state whose batches are dicts of np arrays [batch_size //
-    process_count, seq_len] with keys BATCH_KEYS.
+    set_state (the same on every process) whose batches are dicts of np
+    arrays [len(rows), seq_len] with keys BATCH_KEYS.
   """
-  if batch_size % process_count:
-    raise DataError(f"batch_size {batch_size} is not divisible by "
-                    f"process_count {process_count}")
+  rows = local_rows(batch_size, process_index, process_count, rows)
   names, prepared = _prepare_all(data_cfg, tok, seq_len, "sources")
   teacher = (teacher_cache_lib.TeacherCache(teacher_cache, names, prepared,
                                             seq_len) if teacher_cache else None)
@@ -241,7 +270,7 @@ def make_train_pipeline(data_cfg, tok, *, seq_len: int, batch_size: int,
       # A distinct permutation per source and per epoch (Grain reseeds the
       # shuffle by epoch when indexing past the end).
       ds = ds.shuffle(seed=(seed * 1_000_003 + sid) % 2**32)
-    ds = ds.repeat(None)[process_index::process_count]
+    ds = ds.repeat(None)
     load = example_loader(p, sid, seq_len, data_cfg.too_long,
                           tok.bos_token_id)
     ds = ds.map(teacher.add_index(load, sid) if teacher else load)
@@ -255,7 +284,8 @@ def make_train_pipeline(data_cfg, tok, *, seq_len: int, batch_size: int,
       prefetch_buffer_size=4 * data_cfg.read_threads))
   ds = pack(ds, data_cfg, seq_len, seed, shuffle_bins=True,
             extra_features=("teacher_index",) if teacher else ())
-  ds = ds.batch(batch_size // process_count, drop_remainder=True)
+  ds = ds.batch(batch_size, drop_remainder=True).map(
+      _keep_rows(rows, batch_size))
   if teacher:
     ds = ds.map(teacher.gather)
   if data_cfg.prefetch_batches:
@@ -266,23 +296,20 @@ def make_train_pipeline(data_cfg, tok, *, seq_len: int, batch_size: int,
 
 
 def make_eval_batches(data_cfg, tok, *, seq_len: int, batch_size: int,
-                      process_index: int = 0, process_count: int = 1) -> dict:
+                      process_index: int = 0, process_count: int = 1,
+                      rows=None) -> dict:
   """Finite, deterministic eval batches: {eval set name: [batch, ...]}.
 
   Each eval set is read once in file order and packed first-fit (no shuffle).
   Batches are built for the global `batch_size` (the last one padded with
   all-padding rows, segment_ids 0) and each process keeps its rows, so every
-  process gets the same number of batches. `source_id` indexes
-  eval_source_names(data_cfg).
+  process gets the same number of batches (rows: see local_rows).
+  `source_id` indexes eval_source_names(data_cfg).
   """
-  if batch_size % process_count:
-    raise DataError(f"batch_size {batch_size} is not divisible by "
-                    f"process_count {process_count}")
+  rows = local_rows(batch_size, process_index, process_count, rows)
   if not data_cfg.eval_sources:
     return {}
   names, prepared = _prepare_all(data_cfg, tok, seq_len, "eval_sources")
-  local = batch_size // process_count
-  rows = slice(process_index * local, (process_index + 1) * local)
   out = {}
   for sid, (name, p) in enumerate(zip(names, prepared)):
     if not len(p.keep):

@@ -2,7 +2,10 @@
 
 Loading reads one tensor at a time (host memory: about one tensor beyond
 the result), or with `shardings` only the slices each local device needs,
-so every host of a multi-host job reads just its shard. Only safetensors are
+so every host of a multi-host job reads just its shard; a device's slice of
+a stacked leaf is filled one layer at a time (host memory: that slice plus
+one layer's part).
+Saving gathers one layer at a time and only process 0 writes. Only safetensors are
 read: no pickle, no remote code.
 """
 
@@ -227,7 +230,15 @@ def load_hf(path_or_hub_id: str, *, dtype=None, shardings=None,
         if not stacked:
           return read(names[0][0], tuple(index))
         layers = range(cfg.num_layers)[index[0]]
-        return np.stack([read(names[i][0], tuple(index[1:])) for i in layers])
+        # Filled in place one layer at a time: the host holds this device's
+        # shard plus one layer's slice, not a list of slices and their stack.
+        shard = None
+        for j, i in enumerate(layers):
+          x = read(names[i][0], tuple(index[1:]))
+          if shard is None:
+            shard = np.empty((len(layers),) + x.shape, x.dtype)
+          shard[j] = x
+        return shard
       out[path] = jax.make_array_from_callback(sds.shape,
                                                flat_shardings[path], callback)
     elif stacked:
@@ -272,8 +283,8 @@ def save_hf(cfg: ModelConfig, params, out_dir: str, *, dtype=None,
     dtype: stored dtype (default cfg.param_dtype), e.g. "bfloat16".
     max_shard_size: bytes, or a string like "5GB" / "500MiB".
 
-  Multi-host: call on every process (sharded leaves are gathered, one at a
-  time); only process 0 writes. Weight files of an earlier save in
+  Multi-host: call on every process (sharded leaves are gathered one layer
+  at a time); only process 0 writes. Weight files of an earlier save in
   `out_dir` are replaced.
 
   Returns:
@@ -318,14 +329,13 @@ def save_hf(cfg: ModelConfig, params, out_dir: str, *, dtype=None,
   file_names = ([_SINGLE] if len(shards) == 1 else
                 [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                  for i in range(len(shards))])
-  weight_map, cached = {}, {}
+  weight_map = {}
   for file_name, shard in zip(file_names, shards):
     tensors = {}
     for name, path, i, transform, _ in shard:
-      if path not in cached:  # one leaf on host at a time
-        cached.clear()
-        cached[path] = _host_array(flat[path])
-      x = cached[path][i] if i is not None else cached[path]
+      # One layer on host at a time: the slice is taken on the devices, then
+      # gathered (every process joins the gather; process 0 writes).
+      x = _host_array(flat[path][i] if i is not None else flat[path])
       x = x.T if transform == "T" else x
       tensors[name] = np.ascontiguousarray(x.astype(dtype))
       weight_map[name] = file_name

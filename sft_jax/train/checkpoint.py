@@ -3,8 +3,9 @@
 Layout of `<workdir>/checkpoints/<step>/`:
 
   state/      the TrainState pytree (sharded arrays; written asynchronously)
-  data/       one JSON file per process: that host's Grain iterator state,
-              so a resumed run reads exactly the batches it would have read
+  data/       iterator.json, the Grain iterator state of the global stream
+              (the same on every process), so a resumed run, on any mesh or
+              process count, reads exactly the batches it would have read
   config/     the resolved config (JSON)
   tokenizer/  the tokenizer files, chat template included
   metrics/    eval metrics of that step, when there were any (Orbax's own)
@@ -41,21 +42,26 @@ _NO_METRICS_NOTICE = _NoMetricsNotice()
 
 
 class _ProcessJsonHandler(ocp.CheckpointHandler):
-  """Each process writes its own JSON document (its data iterator state)."""
+  """The data iterator state: one JSON document, written by process 0.
+
+  Every process iterates the same global stream (see data.pipeline), so one
+  state serves any process count and mesh on resume.
+  """
+
+  _NAME = "iterator.json"
 
   def save(self, directory, args):
-    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    (directory / name).write_text(json.dumps(args.item))
+    if jax.process_index() == 0:
+      (directory / self._NAME).write_text(json.dumps(args.item))
 
   def restore(self, directory, args=None):
-    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    path = directory / name
+    path = directory / self._NAME
     if not path.exists():
       found = sorted(p.name for p in directory.iterdir())
       raise ValueError(
-          f"{path}: no data-iterator state for process {jax.process_index()} "
-          f"of {jax.process_count()}; the checkpoint holds {found}. Resume "
-          "with the process count the run was saved with.")
+          f"{path}: no data-iterator state (the directory holds {found}); "
+          "this checkpoint was written by an older layout that kept one "
+          "state per process and cannot be resumed by this version.")
     return json.loads(path.read_text())
 
 
@@ -214,6 +220,42 @@ class Checkpointer:
       items[_DATA] = _ProcessJsonRestore()
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored[_STATE], (restored[_DATA] if with_data else None)
+
+  def restore_newest_readable(self, abstract_state: Any
+                              ) -> tuple[int, Any, Any, list[str]]:
+    """(step, state, data_state, warnings) of the newest readable checkpoint.
+
+    A checkpoint that fails to restore (a truncated or missing file, e.g. a
+    disk filled or a copy cut short) is skipped and the previous one is
+    tried. Once an older one restores, each skipped one is renamed
+    `<step>.unreadable` (kept for inspection, out of Orbax's sight) and
+    returned as a warning naming its directory and the error. When none
+    restores (most likely a config that does not fit the run), nothing is
+    renamed and the newest one's error is raised.
+    """
+    failed = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, data_state = self.restore(step, abstract_state)
+      except Exception as e:  # any unreadable file, whatever Orbax raises
+        failed.append((step, e))
+        continue
+      warnings = []
+      for bad, e in failed:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        msg = (f"checkpoint {self.step_dir(bad)} is unreadable "
+               f"({type(e).__name__}: {first[:300]}); resumed from step "
+               f"{step} and moved it to {bad}.unreadable")
+        logging.warning(msg)
+        warnings.append(msg)
+        if jax.process_index() == 0:
+          os.replace(self.step_dir(bad), self.step_dir(bad) + ".unreadable")
+      if failed:
+        self._manager.reload()
+      return step, state, data_state, warnings
+    if failed:
+      raise failed[0][1]
+    raise ValueError(f"{self.directory}: no checkpoint to restore")
 
   def restore_state_subset(self, step: int, abstract_subset: Any) -> Any:
     """Restores only the sub-tree of the saved state that `abstract_subset`

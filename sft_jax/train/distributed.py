@@ -69,3 +69,49 @@ def _use_gloo_on_cpu() -> None:
       jax.config.jax_platforms or "")
   if not platforms or "cpu" in platforms.split(","):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+
+class BarrierTimeoutError(RuntimeError):
+  """Another process did not reach a barrier in time (a failed host)."""
+
+
+_barrier_counts: dict[str, int] = {}
+
+
+def barrier(name: str, timeout_s: float) -> None:
+  """Waits until every process reaches barrier `name`, at most `timeout_s`.
+
+  A host that died or hangs would otherwise leave the others waiting
+  forever; instead they raise BarrierTimeoutError naming the barrier and the
+  config key. One process: returns at once.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  # Barrier ids must be unique per use; every process counts alike.
+  n = _barrier_counts[name] = _barrier_counts.get(name, 0) + 1
+  try:
+    jax_distributed.global_state.client.wait_at_barrier(
+        f"sft_jax/{name}/{n}", int(timeout_s * 1000))
+  except Exception as e:  # the runtime raises a generic error on timeout
+    raise BarrierTimeoutError(
+        f"process {jax.process_index()} of {jax.process_count()}: the other "
+        f"processes did not reach {name!r} within {timeout_s:g} s "
+        "(distributed.barrier_timeout_s); a host has failed or is stuck. "
+        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    ) from e
+
+
+def main_process_first(fn, name: str, timeout_s: float):
+  """fn() on process 0, then, after a barrier, on the others.
+
+  For work whose result lands on storage every host sees (the tokenized
+  data cache in data.cache_dir, a hub download in HF_HOME): process 0 does
+  it once, the others find it done. Without shared storage the others
+  simply redo it, so the result is correct either way.
+  """
+  if jax.process_count() == 1:
+    return fn()
+  out = fn() if jax.process_index() == 0 else None
+  barrier(name, timeout_s)
+  return out if jax.process_index() == 0 else fn()

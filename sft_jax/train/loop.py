@@ -34,6 +34,7 @@ from sft_jax import progress as progress_lib
 from sft_jax.train import checkpoint as checkpoint_lib
 from sft_jax.train import config as config_lib
 from sft_jax.train import distill
+from sft_jax.train import distributed
 from sft_jax.train import epochs as epochs_lib
 from sft_jax.train import evaluate
 from sft_jax.train import flops
@@ -255,6 +256,11 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
   tokenizer_files = checkpoint_lib.read_files(tok_dir) if is_main else {}
 
   mesh = sharding.make_mesh(cfg.mesh)
+  if cfg.model.path and cfg.model.init == "pretrained":
+    # A hub id is downloaded by process 0 first: with HF_HOME on shared
+    # storage, once per filesystem instead of once per host.
+    distributed.main_process_first(lambda: models.resolve(cfg.model.path),
+                                   "download", cfg.distributed.barrier_timeout_s)
   model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
   if distill.enabled(cfg) and not distill.is_offline(cfg):
     variables["teacher"] = distill.load_teacher(cfg, mesh)
@@ -271,11 +277,15 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
                 max(1, report["total_params"]), **report))
   bar.write(models.attention_summary(model_cfg))
 
-  pipeline = data.make_train_pipeline(
-      cfg.data, tok, seq_len=cfg.train.seq_len,
-      batch_size=cfg.train.batch_size, process_index=jax.process_index(),
-      process_count=jax.process_count(), seed=cfg.seed,
-      teacher_cache=cfg.distill.cache)
+  # Process 0 tokenizes into data.cache_dir first; on storage every host
+  # sees, the others then read its cache instead of tokenizing again.
+  pipeline = distributed.main_process_first(
+      lambda: data.make_train_pipeline(
+          cfg.data, tok, seq_len=cfg.train.seq_len,
+          batch_size=cfg.train.batch_size, seed=cfg.seed,
+          teacher_cache=cfg.distill.cache,
+          rows=sharding.process_rows(mesh, cfg.train.batch_size)),
+      "tokenize", cfg.distributed.barrier_timeout_s)
   batches = iter(pipeline)
   seen = epochs_lib.Seen(
       data.source_names(cfg.data),
@@ -294,7 +304,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
     state = state.replace(trainable=None, opt_state=None)
     del part
     try:
-      restored, host_state = ckpt.restore(resume_step, target)
+      resume_step, restored, host_state, warnings = (
+          ckpt.restore_newest_readable(target))
     except (ValueError, KeyError, TypeError) as e:
       ckpt.close()
       raise errors.ResumeError(
@@ -302,6 +313,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
           f"configured model ({type(e).__name__}: {str(e).splitlines()[0]}"
           "); resume with the config the run was started with, or use a new "
           "--workdir") from e
+    for w in warnings:
+      bar.write(f"warning: {w}")
     state = state.replace(**restored)
     batches.set_state(host_state["iterator"])
     seen.load_state_dict(host_state.get("examples_seen"))
@@ -315,10 +328,12 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
                                         resume_step=start)
   eval_sets = {}
   if cfg.eval.every_steps > 0 or cfg.eval.on_start:
-    eval_sets = data.make_eval_batches(
-        cfg.data, tok, seq_len=cfg.train.seq_len,
-        batch_size=cfg.eval.batch_size, process_index=jax.process_index(),
-        process_count=jax.process_count())
+    eval_sets = distributed.main_process_first(
+        lambda: data.make_eval_batches(
+            cfg.data, tok, seq_len=cfg.train.seq_len,
+            batch_size=cfg.eval.batch_size,
+            rows=sharding.process_rows(mesh, cfg.eval.batch_size)),
+        "tokenize_eval", cfg.distributed.barrier_timeout_s)
   if start == 0:
     writer.write_hparams(config_lib.flatten_config(cfg),
                          trial_id=os.path.basename(workdir))

@@ -129,9 +129,45 @@ def batch_shardings(mesh: jax.sharding.Mesh,
   return {k: batch_sharding(mesh) for k in keys}
 
 
+def process_rows(mesh: jax.sharding.Mesh, batch_size: int) -> np.ndarray:
+  """Sorted rows of a [batch_size, ...] global batch this process must feed.
+
+  Rows come from the batch sharding's addressable indices, so processes whose
+  devices hold replicas of one batch shard (a tensor axis spanning hosts)
+  read the same rows, and a batch axis spanning hosts splits them.
+  """
+  index_map = batch_sharding(mesh, 1).addressable_devices_indices_map(
+      (batch_size,))
+  rows = set()
+  for index in index_map.values():
+    rows.update(range(*index[0].indices(batch_size)))
+  return np.asarray(sorted(rows), np.int64)
+
+
+def _global_rows(local_rows: int, mesh: jax.sharding.Mesh) -> int:
+  """The global batch size whose `process_rows` has `local_rows` rows."""
+  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  mine = len(process_rows(mesh, shards))
+  return local_rows * shards // mine
+
+
 def global_batch(local_batch: dict[str, np.ndarray],
                  mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
-  """Assembles this process's rows [B_local, T] into global [B, T] arrays."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim),
-                                                    np.asarray(v))
-          for k, v in local_batch.items()}
+  """Global [B, T] arrays from this process's rows (`process_rows` order).
+
+  `local_batch` holds the rows `process_rows(mesh, B)` names, in that order;
+  each device takes its slice of them, so any device order works.
+  """
+  out = {}
+  for k, v in local_batch.items():
+    v = np.asarray(v)
+    b = _global_rows(v.shape[0], mesh)
+    rows = process_rows(mesh, b)
+    where = np.full(b, -1, np.int64)
+    where[rows] = np.arange(len(rows))
+
+    def piece(index, v=v, where=where, b=b):
+      return v[(where[np.arange(b)[index[0]]],) + tuple(index[1:])]
+    out[k] = jax.make_array_from_callback((b,) + v.shape[1:],
+                                          batch_sharding(mesh, v.ndim), piece)
+  return out
