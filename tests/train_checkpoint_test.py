@@ -14,6 +14,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sft_jax.train import checkpoint as checkpoint_lib
 
