@@ -17,7 +17,10 @@
   params = models.merge_lora(params, lora, cfg)
   models.save_hf(cfg, params, out_dir, dtype="bfloat16")
 
-Segment id 0 is padding; attention is causal by position within a segment.
+Segment id 0 is padding; attention is causal within a segment: by index in
+training (positions count up by one inside a segment), by position against a
+KV cache. cfg.attention_impl picks the backend (attention.py; "auto" by
+default), cfg.remat the remat policy (remat.py).
 The params tree, shapes and the HF name of every tensor: transformer.py and
 tables.py. PEFT: peft_tensors / peft_config / lora_from_peft, module names
 from hf_module_name(path, layer, model_type).
