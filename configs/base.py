@@ -41,6 +41,7 @@ def get_config(arg=None):
   c.method.qlora = config_dict.ConfigDict()  # qlora = method.lora over a quantized frozen base.
   c.method.qlora.format = "nf4"  # Layer kernels: "nf4" (4-bit NormalFloat) | "int8".
   c.method.qlora.block_size = 64  # Input rows per absmax scale (divides each kernel's rows).
+  c.method.qlora.double_quant = False  # Also quantize the scales (uint8 per 256 columns).
 
   c.optim = config_dict.ConfigDict()
   c.optim.name = "adamw"  # "adamw" | "sgd" | "lion" | "adafactor".

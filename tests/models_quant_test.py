@@ -61,3 +61,37 @@ def test_qlora_block_size_is_checked_against_the_model():
   with pytest.raises(ValueError, match=r"method.qlora.block_size=48: .*"
                      r"\[64, 128\] do not split"):
     model_setup.model_config(cfg)
+
+
+def test_double_quantization_of_the_scales():
+  w = jax.random.normal(jax.random.key(1), (2, 256, 512)) * 0.05
+  single = quant.quantize(w, "nf4", 64)
+  double = quant.quantize(w, "nf4", 64, double=True)
+  assert set(double) == {"codes", "scale_codes", "scale_absmax"}
+  np.testing.assert_array_equal(double["codes"], single["codes"])
+  assert double["scale_absmax"].shape == (2, 4, 2)
+  # Each scale to within half a step of 1/255 of its block's largest.
+  err = np.abs(np.asarray(quant._scale(double)) - np.asarray(single["scale"]))  # pylint: disable=protected-access
+  step = np.repeat(np.asarray(double["scale_absmax"]), 256, axis=-1) / 255
+  assert np.all(err <= 0.5 * step * (1 + 1e-5))
+  nbytes = sum(x.nbytes for x in double.values()) / w.size
+  assert nbytes == 0.5 + 1 / 64 + 4 / (64 * 256)  # 0.258x bf16
+  d = np.asarray(quant.dequantize(double))
+  assert np.sqrt(np.mean((d - np.asarray(w)) ** 2)) < 0.1 * 0.05
+
+
+def test_double_quantized_base_initialises_into_shards():
+  from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import model_setup  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import sharding  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.load_config("configs/tiny.py:method=qlora", [
+      "--config.method.qlora.double_quant=true"])
+  mesh = sharding.make_mesh(cfg.mesh)  # 8 devices
+  _, variables = model_setup.load_or_init_model(cfg, mesh)
+  q = variables["params"]["layers"]["mlp"]["down_proj"]["kernel"]
+  assert set(q) == {"codes", "scale_codes", "scale_absmax"}
+  assert q["codes"].shape == (2, 64, 64) and "fsdp" in str(
+      q["codes"].sharding.spec)
+  # The random init N(0, 0.02), through both levels of quantization.
+  w = np.asarray(quant.dequantize(q))
+  assert w.shape == (2, 128, 64) and abs(w.std() / 0.02 - 1) < 0.1

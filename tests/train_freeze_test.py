@@ -1,7 +1,6 @@
 """train_top_layers: only the top layers have state, gradients and updates,
 and the split changes nothing else (sft_jax/train/freeze.py)."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -1,7 +1,6 @@
 """`sft-jax plan`: its per-device state bytes are those of the real state on
 the same mesh, and `fits` compares the predicted peak with the device."""
 
-import jax
 import pytest
 
 from sft_jax.models import quant

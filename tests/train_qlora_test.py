@@ -3,7 +3,6 @@ on the bf16 base, checkpoint and reload, export checked by transformers and
 peft (the merged model is the dequantized base plus the adapters)."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -72,12 +71,13 @@ def runs(tmp_path_factory):
   return out
 
 
-def _kernels(tree):
-  return {p: x for p, x in partition.flat(tree).items()
-          if quant.quantizes(p.removeprefix("params/")) or "/kernel/" in p}
+def test_qlora_trains_like_lora_reloads_and_exports(runs, tmp_path):
+  # One test: under pytest-xdist a module fixture is built once per worker.
+  _check_base_and_training(runs)
+  _check_checkpoint_reloads_and_exports(runs, tmp_path)
 
 
-def test_qlora_base_is_nf4_in_shards_and_trains_like_lora(runs):
+def _check_base_and_training(runs):
   _, _, lora_frozen, _, lora_losses, lora_total = runs["lora"]
   _, model_cfg, _, _, q_losses, q_total = runs["qlora"]
   assert q_total == lora_total  # weights counted, not codes
@@ -120,7 +120,7 @@ def _theirs(hf_model):
     return hf_model(torch.from_numpy(_TOKENS).long()).logits.numpy()
 
 
-def test_qlora_checkpoint_reloads_and_exports(runs, tmp_path):
+def _check_checkpoint_reloads_and_exports(runs, tmp_path):
   cfg, _, _, state, _, _ = runs["qlora"]
   root = runs["root"]
   ckpt = checkpoint.Checkpointer(str(tmp_path / "run" / "checkpoints"))

@@ -185,6 +185,7 @@ class ModelConfig:
   # "" (none) | "nf4" | "int8", in blocks of quant_block input rows.
   quant: str = ""
   quant_block: int = 64
+  quant_double: bool = False  # the block scales quantized too (uint8)
   # Training with the bottom N layers frozen: they run as a scan of their
   # own over params "frozen_layers" (layers/... holds the top L - N), so no
   # weight gradient is computed for them. Never in a checkpoint or export.

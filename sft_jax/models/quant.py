@@ -8,10 +8,14 @@ the array, at the same path ("layers/attn/q_proj/kernel/codes", ".../scale"):
   int8  codes int8 [..., I, O]: round(127 * w / absmax);
   both  scale float32 [..., I/B, O]: the absmax of each block of B rows of
         one output column, so a block never crosses devices when the input
-        axis is sharded (B divides each device's rows).
+        axis is sharded (B divides each device's rows);
+  or, with double quantization (QLoRA's second level), the scales
+  themselves quantized: scale_codes uint8 [..., I/B, O] = round(255 * scale
+  / m) with m, scale_absmax float32 [..., I/B, O/C], the max over blocks of
+  C = min(256, O) columns.
 
-That is 0.5 + 4/B bytes per weight for nf4 (0.5625 at B = 64, 0.28x bf16)
-and 1 + 4/B for int8. The format and B are read back from the shapes and
+That is 0.5 + 4/B bytes per weight for nf4 (0.5625 at B = 64, 0.28x bf16;
+0.516 double-quantized, 0.258x) and 1 + 4/B for int8. The format and B are read back from the shapes and
 dtypes, so `dequantize` needs nothing else. Layers dequantize their kernel
 to the compute dtype where it is used (`_Dense`), one layer at a time inside
 the layer scan; the quantized base is never differentiated.
@@ -44,8 +48,11 @@ NF4 = np.array([
 QUANTIZED = r"^layers/.*/kernel$"
 
 
+_SINGLE, _DOUBLE = {"codes", "scale"}, {"codes", "scale_codes", "scale_absmax"}
+
+
 def is_quantized(x) -> bool:
-  return isinstance(x, dict) and set(x) == {"codes", "scale"}
+  return isinstance(x, dict) and set(x) in (_SINGLE, _DOUBLE)
 
 
 def _check(shape, fmt: str, block: int):
@@ -58,8 +65,37 @@ def _check(shape, fmt: str, block: int):
                      "divisor is needed)")
 
 
-def quantize(w, fmt: str, block: int) -> dict:
-  """{"codes", "scale"} of a kernel w [..., I, O] (any float dtype)."""
+def _double(q: dict) -> dict:
+  """Second level: the positive float32 scales as uint8 per column block."""
+  scale = q.pop("scale")
+  *lead, rows, cols = scale.shape
+  c = min(256, cols)
+  if cols % c:
+    raise ValueError(f"double quantization: {cols} output columns do not "
+                     f"split into blocks of {c}")
+  s = scale.reshape(*lead, rows, cols // c, c)
+  absmax = jnp.max(s, axis=-1)
+  q["scale_codes"] = jnp.round(s / absmax[..., None] * 255).astype(
+      jnp.uint8).reshape(scale.shape)
+  q["scale_absmax"] = absmax
+  return q
+
+
+def _scale(q: dict) -> jax.Array:
+  if "scale" in q:
+    return q["scale"]
+  codes, absmax = q["scale_codes"], q["scale_absmax"]
+  *lead, rows, cols = codes.shape
+  c = cols // absmax.shape[-1]
+  s = codes.astype(jnp.float32).reshape(*lead, rows, cols // c, c) / 255
+  return (s * absmax[..., None]).reshape(codes.shape)
+
+
+def quantize(w, fmt: str, block: int, double: bool = False) -> dict:
+  """{"codes", "scale"} of a kernel w [..., I, O] (any float dtype); with
+  `double`, {"codes", "scale_codes", "scale_absmax"}."""
+  if double:
+    return _double(quantize(w, fmt, block))
   _check(w.shape, fmt, block)
   *lead, rows, cols = w.shape
   w_blocks = w.astype(jnp.float32).reshape(*lead, rows // block, block, cols)
@@ -79,7 +115,7 @@ def quantize(w, fmt: str, block: int) -> dict:
 
 def dequantize(q: dict, dtype=jnp.float32) -> jax.Array:
   """The kernel [..., I, O] in `dtype` from `quantize`'s output."""
-  codes, scale = q["codes"], q["scale"]
+  codes, scale = q["codes"], _scale(q)
   *lead, n, cols = codes.shape
   if codes.dtype == jnp.int8:
     values = codes.astype(jnp.float32) / 127
@@ -92,10 +128,10 @@ def dequantize(q: dict, dtype=jnp.float32) -> jax.Array:
   return (values * scale[..., None, :]).reshape(*lead, n, cols).astype(dtype)
 
 
-def quantized_init(init, fmt: str, block: int):
+def quantized_init(init, fmt: str, block: int, double: bool = False):
   """A param initialiser: `init`'s random kernel, quantized."""
   def fn(rng, shape, dtype=jnp.float32):
-    return quantize(init(rng, shape, dtype), fmt, block)
+    return quantize(init(rng, shape, dtype), fmt, block, double)
   return fn
 
 

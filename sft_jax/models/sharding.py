@@ -42,7 +42,8 @@ _PARAM_AXES = (
 
 def _param_axes(path: str) -> tuple[str, ...]:
   # A quantized kernel's codes and block scales keep the kernel's axes.
-  path = re.sub(r"/kernel/(codes|scale)$", "/kernel", path)
+  path = re.sub(r"/kernel/(codes|scale|scale_codes|scale_absmax)$", "/kernel",
+                path)
   for regex, axes in _PARAM_AXES:
     if re.fullmatch(regex, path):
       return axes

@@ -71,7 +71,8 @@ class _Dense(nn.Module):
     in_features = x_BxTxI.shape[-1]
     init = _KERNEL_INIT
     if cfg.quant:  # A frozen quantized base: {"codes", "scale"}.
-      init = quant_lib.quantized_init(init, cfg.quant, cfg.quant_block)
+      init = quant_lib.quantized_init(init, cfg.quant, cfg.quant_block,
+                                      cfg.quant_double)
     kernel_IxO = self.param("kernel", init, (in_features, self.features),
                             pdtype)
     if quant_lib.is_quantized(kernel_IxO):

@@ -67,7 +67,11 @@ def split_layers(hit: dict, rest: dict, frozen_layers: int
 
 
 def join_layers(variables: dict) -> dict:
-  """The variables with params "frozen_layers" put back under "layers"."""
+  """The variables with params "frozen_layers" put back under "layers".
+
+  A joined leaf takes the storage dtype of its frozen bottom
+  (model.param_dtype), like every weight of an export.
+  """
   params = variables.get("params", {})
   if FROZEN_LAYERS not in params:
     return variables

@@ -64,7 +64,8 @@ def model_config(cfg: config_dict.ConfigDict) -> "models.ModelConfig":
       base, dtype=cfg.model.dtype,
       param_dtype=cfg.model.param_dtype, scan_layers=cfg.model.scan_layers,
       remat=cfg.model.remat, attention_impl=cfg.model.attention,
-      lora=lora, quant=fmt, quant_block=cfg.method.qlora.block_size)
+      lora=lora, quant=fmt, quant_block=cfg.method.qlora.block_size,
+      quant_double=cfg.method.qlora.double_quant)
 
 
 def _check_block(block: int, m: "models.ModelConfig") -> None:
@@ -148,12 +149,14 @@ def _load_base(cfg, model_cfg, mesh, rules, param_shardings):
   _, plain = _shapes_and_shardings(plain_cfg, mesh, rules)
   quantized = dict(_flat_items(param_shardings))
   fmt, block = model_cfg.quant, model_cfg.quant_block
+  double = model_cfg.quant_double
 
   def quantize_leaf(path, x):
     if not quant.quantizes(path):
       return x
-    out = {k: quantized[f"{path}/{k}"] for k in ("codes", "scale")}
-    return jax.jit(lambda w: quant.quantize(w, fmt, block),
+    out = {k[len(path) + 1:]: s for k, s in quantized.items()
+           if k.startswith(path + "/")}
+    return jax.jit(lambda w: quant.quantize(w, fmt, block, double),
                    out_shardings=out)(x)
 
   return models.load_hf(cfg.model.path, dtype=cfg.model.param_dtype,

@@ -102,7 +102,8 @@ def _cast_floating(tree: dict, dtype) -> dict:
       return x
     if isinstance(x, jax.ShapeDtypeStruct):
       return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
-    return x.astype(dtype)
+    # Explicitly into the same shards: never a replicated copy.
+    return jax.jit(lambda a: a.astype(dtype), out_shardings=x.sharding)(x)
   return jax.tree.map(fn, tree)
 
 
