@@ -265,8 +265,8 @@ def run(root: str, steps1: int = 0, steps2: int = 0) -> list[dict]:
         top1=m["eval/rank/top1"], top5=m["eval/rank/top5"],
         mrr=m["eval/rank/mrr"], general_loss=m["eval/general/loss"],
         steps=cfg.train.steps))
-    init = os.path.join(root, f"stage{stage}_hf")
-    if not os.path.exists(os.path.join(init, "config.json")):
+    init = os.path.join(root, f"stage{stage}_hf")  # stage 2's base
+    if stage == 1 and not os.path.exists(os.path.join(init, "config.json")):
       _export(run_dir, init)
   return rows
 

@@ -1,5 +1,5 @@
 """Offline teacher: the cache stays aligned through packing, mixing and
-resume, an offline step equals the online top-k step, and a config trains."""
+resume, and offline and online top-k teachers train alike from a config."""
 
 import json
 import random
@@ -12,14 +12,9 @@ import tiny_tok
 from sft_jax import data
 from sft_jax import models
 from sft_jax.train import config as config_lib
-from sft_jax.train import distill
 from sft_jax.train import distill_cache
 from sft_jax.train import loop
-from sft_jax.train import model_setup
-from sft_jax.train import sharding
-from sft_jax.train import step as step_lib
 
-_FAST = {"xla_backend_optimization_level": 0}
 _WORDS = "alpha beta gamma delta red green blue one two three".split()
 
 
@@ -91,34 +86,9 @@ def test_offline_cache_aligned_and_equal_to_online(tmp_path):
         np.take_along_axis(logp, batch["teacher_ids"], -1)[real],
         rtol=1e-5, atol=1e-5)
 
-  # The offline step equals the online top-k step on the same batch.
-  def one_step(c, b):
-    mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-    model_cfg, variables = model_setup.load_or_init_model(c, mesh)
-    if not distill.is_offline(c):
-      variables["teacher"] = distill.load_teacher(c, mesh)
-    st, shardings = step_lib.init_train_state(c, model_cfg, variables, mesh)
-    fn = step_lib.jit_train_step(c, model_cfg, mesh, shardings,
-                                 compiler_options=_FAST)
-    st, m = fn(st, sharding.global_batch(b, mesh))
-    return jax.tree.map(np.asarray, (m, st.trainable))
-
-  sgd = ("--config.optim.name=sgd", "--config.optim.b1=0",
-         "--config.optim.lr=1.0", "--config.optim.schedule=constant",
-         "--config.optim.warmup_steps=0", "--config.optim.clip_norm=0",
-         "--config.optim.weight_decay=0", "--config.distill.temperature=2.0")
-  online_m, online_p = one_step(_cfg(tmp_path, *sgd), {
-      k: v for k, v in first.items() if not k.startswith("teacher_")})
-  offline_m, offline_p = one_step(_cfg(
-      tmp_path, *sgd, f"--config.distill.cache={tmp_path / 'cache'}"), first)
-  for key in ("loss", "ce_loss", "distill_loss"):
-    np.testing.assert_allclose(offline_m[key], online_m[key], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                       atol=1e-6),
-               offline_p, online_p)
-
   # From a config, offline and online: the run logs distill_loss beside
-  # loss and ce_loss, and the two teachers give the same first step.
+  # loss and ce_loss, and the two teachers give the same first step (loss
+  # and gradient norm, both from the initial weights).
   first_step = {}
   for name, extra in (("offline", (
       f"--config.distill.cache={tmp_path / 'cache'}",)), ("online", ())):
@@ -132,7 +102,8 @@ def test_offline_cache_aligned_and_equal_to_online(tmp_path):
       first_step[name] = [r for r in map(json.loads, f)
                           if "train/loss" in r][0]
     assert first_step[name]["step"] == 1
-  for key in ("train/loss", "train/ce_loss", "train/distill_loss"):
+  for key in ("train/loss", "train/ce_loss", "train/distill_loss",
+              "train/grad_norm"):
     np.testing.assert_allclose(first_step["offline"][key],
                                first_step["online"][key], rtol=1e-5)
 

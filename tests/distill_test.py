@@ -2,6 +2,7 @@
 mesh invariance, a short alpha=0 run, and config errors."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -137,10 +138,14 @@ def test_grad_accum_and_mesh_change_nothing(models_dir):
 
 
 def test_alpha_zero_run_brings_student_towards_teacher(models_dir):
-  cfg = _cfg(models_dir, "--config.train.batch_size=4",
+  # A bfloat16 teacher (weights and compute), as for a large one on device.
+  cfg = _cfg(models_dir, "--config.distill.teacher_dtype=bfloat16",
+             "--config.train.batch_size=4",
              "--config.distill.alpha=0.0", "--config.optim.lr=3e-3",
              "--config.optim.warmup_steps=0", "--config.train.steps=8")
   mesh, state, step = _state(cfg, jax.devices()[:1])
+  assert {x.dtype for x in jax.tree.leaves(state.frozen["teacher"])} == {
+      jnp.dtype(jnp.bfloat16)}
   batch = sharding.global_batch(_unpacked_batch(4, 16, 97, 5), mesh)
   kls = []
   for _ in range(8):

@@ -5,7 +5,8 @@ Public API:
   load_tokenizer(path_or_hub_id, chat_template=None)
   chat_template(data_cfg, tok) -> str | None  the exact template data uses
   make_train_pipeline(data_cfg, tok, *, seq_len, batch_size, process_index=0,
-                      process_count=1, seed=0, rows=None) -> grain.IterDataset
+                      process_count=1, seed=0, teacher_cache="", rows=None)
+                      -> grain.IterDataset  (teacher_cache: teacher_cache.py)
   make_eval_batches(data_cfg, tok, *, seq_len, batch_size, process_index=0,
                     process_count=1, rows=None) -> {eval set name: [batch, ...]}
   source_names(data_cfg) / eval_source_names(data_cfg)   index = source_id

@@ -26,7 +26,6 @@ from sft_jax import models
 from sft_jax.train import config as config_lib
 from sft_jax.train import distill_loss
 from sft_jax.train import model_setup
-from sft_jax.train import sharding
 
 
 class DistillConfigError(config_lib.ConfigError):
@@ -129,8 +128,7 @@ def load_teacher(cfg: config_dict.ConfigDict, mesh: jax.sharding.Mesh
                  ) -> dict:
   """The online teacher's params, loaded straight into their shards."""
   teacher_cfg = teacher_model_config(cfg)
-  rules = tuple(sharding.rules_from_config(cfg.sharding.rules).items())
-  _, shardings = model_setup._shapes_and_shardings(teacher_cfg, mesh, rules)  # pylint: disable=protected-access
+  _, shardings = model_setup.variable_shardings(cfg, teacher_cfg, mesh)
   _, params = models.load_hf(cfg.distill.teacher,
                              dtype=cfg.distill.teacher_dtype,
                              shardings=shardings["params"])

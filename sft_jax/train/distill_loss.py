@@ -42,6 +42,10 @@ from sft_jax.train import loss as loss_lib
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
+# The CE's [B, T, ...] <-> [K, B, C, ...] position chunking, shared.
+_chunked = loss_lib._chunked  # pylint: disable=protected-access
+_unchunked = loss_lib._unchunked  # pylint: disable=protected-access
+
 
 def divergence(student_logp_BxCxN: jax.Array, teacher_logp_BxCxN: jax.Array,
                kind: str) -> jax.Array:
@@ -113,12 +117,12 @@ def weighted_distill(objective: Objective, hidden_BxTxD: jax.Array,
     loss = sum(weight * (alpha nll + (1 - alpha) tau^2 div) + z_weight *
     log_z^2); only `loss` carries gradients (to hidden and w).
   """
-  b, t, _ = hidden_BxTxD.shape
+  t = hidden_BxTxD.shape[1]
   chunk = max(1, min(chunk, t))
   online = "hidden" in teacher
   t_xs = ((teacher["hidden"],) if online else (teacher["ids"],
                                                teacher["logp"]))
-  xs = tuple(loss_lib._chunked(x, chunk) for x in (  # pylint: disable=protected-access
+  xs = tuple(_chunked(x, chunk) for x in (
       hidden_BxTxD, targets_BxT, weight_BxT, z_weight_BxT) + t_xs)
   kl_scale = (1.0 - objective.alpha) * objective.temperature ** 2
 
@@ -151,7 +155,7 @@ def weighted_distill(objective: Objective, hidden_BxTxD: jax.Array,
     return total + loss, per_token
 
   total, outs = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
-  per_token = {k: loss_lib._unchunked(v, t) for k, v in zip(  # pylint: disable=protected-access
+  per_token = {k: _unchunked(v, t) for k, v in zip(
       ("nll", "log_z", "correct", "div"), outs)}
   return total, per_token
 
@@ -164,7 +168,7 @@ def teacher_topk_logp(hidden_BxTxE: jax.Array, w_ExV: jax.Array,
   Log-probs are at temperature 1 over the full vocabulary; this is what the
   offline cache stores.
   """
-  b, t, _ = hidden_BxTxE.shape
+  t = hidden_BxTxE.shape[1]
   chunk = max(1, min(chunk, t))
 
   def body(carry, h_BxCxE):
@@ -173,6 +177,5 @@ def teacher_topk_logp(hidden_BxTxE: jax.Array, w_ExV: jax.Array,
     vals, ids = jax.lax.top_k(logp_BxCxV, k)
     return carry, (ids.astype(jnp.int32), vals)
 
-  _, (ids, vals) = jax.lax.scan(body, None,
-                                loss_lib._chunked(hidden_BxTxE, chunk))  # pylint: disable=protected-access
-  return loss_lib._unchunked(ids, t), loss_lib._unchunked(vals, t)  # pylint: disable=protected-access
+  _, (ids, vals) = jax.lax.scan(body, None, _chunked(hidden_BxTxE, chunk))
+  return _unchunked(ids, t), _unchunked(vals, t)
