@@ -315,3 +315,25 @@ def test_long_text_is_split_into_rows_covering_every_token(tmp_path, tok):
   assert (b["loss_mask"][b["segment_ids"] > 0] == 1).all()
   c.too_long = "drop"
   assert len(data.prepare_source("t", c.sources.t, c, tok, seq_len=16).keep) == 0
+
+
+def test_rows_select_from_one_global_stream_with_one_state(cfg, tok):
+  """A process keeps `rows` of the global batches; the iterator state is the
+  global stream's, so a state saved with one row split resumes another."""
+  full = iter(data.make_train_pipeline(cfg, tok, seq_len=64, batch_size=4,
+                                       seed=3))
+  part = iter(data.make_train_pipeline(cfg, tok, seq_len=64, batch_size=4,
+                                       seed=3, rows=[1, 3]))
+  for _ in range(3):
+    f, p = next(full), next(part)
+    for k in data.BATCH_KEYS:
+      np.testing.assert_array_equal(p[k], f[k][[1, 3]])
+  state = json.loads(json.dumps(part.get_state()))
+  assert state == json.loads(json.dumps(full.get_state()))
+  other = iter(data.make_train_pipeline(cfg, tok, seq_len=64, batch_size=4,
+                                        seed=3, rows=[0]))
+  other.set_state(state)
+  np.testing.assert_array_equal(next(other)["tokens"],
+                                next(full)["tokens"][[0]])
+  with pytest.raises(data.DataError, match="not rows of a batch of 4"):
+    data.make_train_pipeline(cfg, tok, seq_len=64, batch_size=4, rows=[4])

@@ -1,5 +1,6 @@
 """A host that never reaches a barrier: the others fail with a clear message
-after distributed.barrier_timeout_s instead of waiting forever."""
+after distributed.barrier_timeout_s instead of waiting forever. Work that
+process 0 does first and fails: the others stop with its error."""
 
 import os
 import pathlib
@@ -15,11 +16,19 @@ _CHILD = """
 import os, sys, time
 from sft_jax.train import distributed
 distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+def bad_data():
+  raise ValueError("train.jsonl line 7: no 'messages'")
+try:
+  distributed.main_process_first(bad_data, "tokenize", timeout_s=60)
+except distributed.MainProcessFailedError as e:
+  print(e, flush=True)
+except ValueError:
+  pass
 if int(sys.argv[2]) == 1:
   time.sleep(30)
   os._exit(0)
 try:
-  distributed.barrier("tokenize", timeout_s=2)
+  distributed.barrier("checkpoint", timeout_s=2)
 except distributed.BarrierTimeoutError as e:
   print(e, flush=True)
   os._exit(3)
@@ -42,8 +51,10 @@ def test_barrier_times_out_with_a_clear_message():
     out, err = procs[0].communicate(timeout=60)
   finally:
     procs[1].kill()
-    procs[1].communicate()
+    out1, _ = procs[1].communicate()
   assert procs[0].returncode == 3, err[-2000:]
   assert time.monotonic() - start < 30
-  assert ("process 0 of 2: the other processes did not reach 'tokenize' "
+  assert ("process 1: process 0 failed at 'tokenize', so this process stops "
+          "too: ValueError: train.jsonl line 7: no 'messages'") in out1
+  assert ("process 0 of 2: the other processes did not reach 'checkpoint' "
           "within 2 s (distributed.barrier_timeout_s)") in out

@@ -190,3 +190,15 @@ def test_sequence_sharded_activations_equal_one_device():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                        atol=1e-6),
                params, ref_params)
+
+
+def test_activation_axes_without_rules_stay_unconstrained():
+  from sft_jax.models import sharding as model_sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(_mesh_cfg(2, 2, 2))
+  old_rules = {k: v for k, v in _rules().items() if not k.startswith("act_")}
+  x = np.zeros((8, 64, 32), np.float32)
+
+  def f(x):
+    with models.activation_sharding(mesh, old_rules):
+      return model_sharding.constrain(x, ("batch", "length", "act_embed"))
+  assert "sharding_constraint" not in str(jax.make_jaxpr(f)(x))

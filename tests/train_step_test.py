@@ -445,6 +445,10 @@ def test_bench_prints_consistent_figures(tmp_path, capsys):
   assert figures["compile_s"] > 0 and figures["mfu"] is None  # CPU
   assert figures["trainable_params"] < figures["total_params"]
   assert np.isfinite(figures["loss"])
+  # The compiled step's memory and collectives (8 devices, fsdp=8).
+  assert figures["memory"]["temp_bytes"] == figures["compiled_temp_bytes"] > 0
+  assert figures["collectives"]["all-gather"]["count"] > 0
+  assert figures["collectives"]["all-gather"]["bytes"] > 0
 
 
 def test_lora_starts_from_a_peft_adapter(tmp_path):

@@ -113,11 +113,15 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
 
   A mesh axis that does not divide a dimension is dropped for that dimension
   (see train.sharding.logical_to_spec), so odd shapes stay replicated.
+  Axes without a rule (a run's config saved before the activation rules)
+  leave `x` unconstrained.
   """
   active = _ACTIVE.get()
   if active is None:
     return x
   from sft_jax.train import sharding as train_sharding  # pylint: disable=g-import-not-at-top
   mesh, rules = active
+  if any(a is not None and a not in rules for a in axes):
+    return x  # A config saved before these rules existed: leave it to XLA.
   spec = train_sharding.logical_to_spec(axes, x.shape, mesh, rules)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -102,16 +102,39 @@ def barrier(name: str, timeout_s: float) -> None:
     ) from e
 
 
+class MainProcessFailedError(RuntimeError):
+  """Process 0 failed at work the others were waiting for."""
+
+
 def main_process_first(fn, name: str, timeout_s: float):
   """fn() on process 0, then, after a barrier, on the others.
 
   For work whose result lands on storage every host sees (the tokenized
   data cache in data.cache_dir, a hub download in HF_HOME): process 0 does
   it once, the others find it done. Without shared storage the others
-  simply redo it, so the result is correct either way.
+  simply redo it, so the result is correct either way. If fn fails on
+  process 0 (bad data, say), it still reaches the barrier and the others
+  raise MainProcessFailedError with its error instead of waiting.
   """
   if jax.process_count() == 1:
     return fn()
-  out = fn() if jax.process_index() == 0 else None
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  key = f"sft_jax/{name}/{_barrier_counts.get(name, 0) + 1}/error"
+  if jax.process_index() == 0:
+    try:
+      out = fn()
+    except Exception as e:
+      client.key_value_set(key, f"{type(e).__name__}: {e}"[:2000])
+      barrier(name, timeout_s)
+      raise
+    client.key_value_set(key, "")
+    barrier(name, timeout_s)
+    return out
   barrier(name, timeout_s)
-  return out if jax.process_index() == 0 else fn()
+  error = client.blocking_key_value_get(key, int(timeout_s * 1000))
+  if error:
+    raise MainProcessFailedError(
+        f"process {jax.process_index()}: process 0 failed at {name!r}, "
+        f"so this process stops too: {error}")
+  return fn()
