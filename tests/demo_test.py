@@ -106,9 +106,10 @@ def test_tiny_demo_runs_end_to_end_and_reruns_as_a_no_op(tmp_path, capsys,
                  "domain_accuracy"):
       assert 0.0 <= row[name] <= 1.0
     for name in ("domain_loss", "general_loss"):
-      # Trained a little: finite and below a uniform guess over the vocab.
-      assert 0.0 < row[name] < math.log(vocab)
-  assert before["step"] == size.cpt_steps
+      # Finite; a few steps from the N(0, 1/hidden) init can sit above a
+      # uniform guess, so only the direction of change is checked below.
+      assert 0.0 < row[name] < 3 * math.log(vocab)
+  assert before["step"] == 0  # eval.on_start of the SFT runs
   assert all(r["step"] == size.sft_steps for r in after)
   # Continued pretraining lowers the held-out chat loss...
   cpt_curve = results["curves"]["cpt"]
@@ -118,14 +119,22 @@ def test_tiny_demo_runs_end_to_end_and_reruns_as_a_no_op(tmp_path, capsys,
   assert after[0]["domain_loss"] < before["domain_loss"]
   assert after[-1]["general_loss"] < after[0]["general_loss"]
 
-  # The numbers are the runs' final evaluations, as logged.
-  last = {}
-  for line in open(os.path.join(root, "cpt", "metrics.jsonl")):
-    last.update(json.loads(line))
-  assert before["general_loss"] == last["eval/general/loss"]
-  assert before["exact_match"] == last["eval/gen/exact_match"]
+  # "Before" is the first SFT run's step-0 evaluation, as logged; every
+  # point starts from the same model, so every step-0 evaluation agrees.
+  starts = []
+  for run in (os.path.join(root, "sft", r["run"]) for r in after):
+    start = {}
+    for line in open(os.path.join(run, "metrics.jsonl")):
+      record = json.loads(line)
+      if record["step"] == 0:
+        start.update(record)
+    starts.append(start)
+  for start in starts:
+    assert start["eval/general/loss"] == pytest.approx(before["general_loss"])
+    assert start["eval/gen/exact_match"] == before["exact_match"]
+  run0 = os.path.join(root, "sft", after[0]["run"])
   samples = json.load(open(os.path.join(
-      root, "cpt", "eval", f"gen_step_{size.cpt_steps}.json")))["samples"]
+      run0, "eval", "gen_step_0.json")))["samples"]
   assert before["field_accuracy"] == pytest.approx(sum(
       task.field_accuracy(s["prediction"], s["reference"])
       for s in samples) / len(samples))
@@ -142,9 +151,10 @@ def test_tiny_demo_runs_end_to_end_and_reruns_as_a_no_op(tmp_path, capsys,
   assert summary["demo/after_sft/general_loss"] == [
       (int(round(100 * r["share"])), pytest.approx(r["general_loss"]))
       for r in after]
+  # The SFT runs start from the continued-pretrained model as it ended.
   cpt_events = _events(os.path.join(root, "cpt", "tb"))
   assert cpt_events["eval/general/loss"][-1][1] == pytest.approx(
-      before["general_loss"])
+      before["general_loss"], rel=1e-4)
 
   # A second run finds every stage done and trains nothing.
   mtimes = {p: os.path.getmtime(p) for p in glob.glob(

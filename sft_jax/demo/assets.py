@@ -42,7 +42,7 @@ class Size:
   mlp: int
   seq_len: int  # tokens per packed training row
   batch_size: int  # rows per step
-  cpt_steps: int  # continued-pretraining steps
+  cpt_steps: int  # continued-pretraining steps (0: SFT starts from the base)
   sft_steps: int  # SFT steps per sweep point
   eval_every: int  # steps between evaluations (at the end too)
   max_new_tokens: int  # generation budget of a held-out answer
@@ -54,7 +54,7 @@ SIZES = {
     "full": Size(general_train=400, general_eval=20, domain_train=2500,
                  domain_eval=64, vocab_size=2048, hidden=128, layers=4,
                  heads=4, kv_heads=2, mlp=256, seq_len=256, batch_size=4,
-                 cpt_steps=100, sft_steps=200, eval_every=50,
+                 cpt_steps=0, sft_steps=400, eval_every=100,
                  max_new_tokens=48, max_chars=450, shares=(0.0, 0.25, 0.5)),
     "tiny": Size(general_train=40, general_eval=4, domain_train=200,
                  domain_eval=8, vocab_size=400, hidden=32, layers=2, heads=2,
@@ -162,6 +162,17 @@ def build_base_model(root: str, size: Size, paths: dict[str, str],
   tokenizer.save_pretrained(tmp)
   cfg = models.ModelConfig.from_hf_config(hf_config(size, len(tokenizer)))
   variables = models.init(cfg, jax.random.key(seed))
-  models.save_hf(cfg, variables["params"], tmp, dtype="float32")
+  # Weights ~ N(0, 1/hidden) rather than the library's N(0, 0.02): with
+  # 0.02 this 128-wide model sits for hundreds of steps on a plateau where
+  # it predicts the commonest answer and never learns to copy a value from
+  # the sentence; at 1/sqrt(hidden) it learns the copying within the budget.
+  std = size.hidden ** -0.5
+
+  def rescale(path, x):
+    name = jax.tree_util.keystr(path)
+    return x * (std / 0.02) if "kernel" in name or "embedding" in name else x
+
+  params = jax.tree_util.tree_map_with_path(rescale, variables["params"])
+  models.save_hf(cfg, params, tmp, dtype="float32")
   os.replace(tmp, base)
   return base

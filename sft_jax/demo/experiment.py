@@ -1,12 +1,15 @@
-"""The demo's train configs and its sweep: one file, two stages.
+"""The demo's train configs and its sweep: one file, up to two stages.
 
   stage=cpt  continued pretraining of the random base model on general chat
-             (raw text, loss on every token);
-  stage=sft  domain SFT of the continued-pretrained model on the JSON task,
-             with a share of general chat mixed in; get_sweep() sweeps that
-             share.
+             (raw text, loss on every token); only when the size has
+             cpt_steps > 0 (the "tiny" smoke test; the full demo has none);
+  stage=sft  domain SFT on the JSON task (of the continued-pretrained model,
+             or of the base model when there is no CPT), with a share of
+             general chat mixed in; get_sweep() sweeps that share. Each SFT
+             run evaluates its starting model at step 0 (eval.on_start): the
+             "before" point.
 
-Both stages evaluate on the same two held-out sets, so their numbers compare:
+All stages evaluate on the same two held-out sets, so their numbers compare:
 "general" (chat text: general-data loss) and "domain" (the JSON task: loss on
 the supervised answer tokens).
 
@@ -50,7 +53,7 @@ def get_config(arg=None):
   paths = assets.data_paths(knobs.root)
   c = config_lib.get_config_from_file(str(_BASE))
   c.seed = 0
-  if knobs.stage == "cpt":
+  if knobs.stage == "cpt" or not size.cpt_steps:
     c.model.path = os.path.join(knobs.root, "base")
   else:
     c.model.path = os.path.join(knobs.root, SFT_MODEL_DIR)
@@ -103,6 +106,8 @@ def get_config(arg=None):
   # Both stages evaluate the same held-out sets, the final evaluation of
   # stage 1 being the "before SFT" numbers.
   c.eval.every_steps = size.eval_every
+  # SFT evaluates the model it starts from at step 0: the "before" point.
+  c.eval.on_start = knobs.stage == "sft"
   c.eval.batch_size = 8
   c.eval.generate = True
   c.eval.generate_data = paths["domain_eval"]

@@ -59,6 +59,23 @@ def _final(run_dir: str) -> dict:
   return out
 
 
+def _start(run_dir: str) -> dict:
+  """The step-0 evaluation of an SFT run (eval.on_start): before SFT."""
+  first = {}
+  for r in sweep_summary.read_metrics(
+      os.path.join(run_dir, sweep_summary.METRICS_NAME)):
+    if r["step"] == 0:
+      first.update(r)
+  missing = [k for k in METRICS.values() if k not in first]
+  if missing:
+    raise ValueError(f"{run_dir}: no step-0 evaluation of {missing}; is "
+                     "eval.on_start set?")
+  out = {name: first[key] for name, key in METRICS.items()}
+  out["step"] = 0
+  out["field_accuracy"] = _field_accuracy(run_dir, 0)
+  return out
+
+
 def _field_accuracy(run_dir: str, step: int) -> float:
   """Mean task.field_accuracy over the greedy samples saved at `step`."""
   path = os.path.join(run_dir, "eval", f"gen_step_{step}.json")
@@ -77,21 +94,24 @@ def _curve(run_dir: str, key: str) -> list[tuple[int, float]]:
 
 
 def evaluate(root: str, sft_spec: str, size) -> dict:
-  """Collects before (cpt run) and after (every SFT point) numbers."""
-  before = _final(os.path.join(root, "cpt"))
+  """Before (step-0 evaluation of the SFT runs) and after (their last)."""
+  points = sweep.sweep_points(sft_spec, os.path.join(root, "sft"))
+  # Every SFT point starts from the same model: its step-0 evaluation
+  # (eval.on_start) is the "before" point.
+  before = _start(points[0].workdir)
   after = []
-  for point in sweep.sweep_points(sft_spec, os.path.join(root, "sft")):
+  for point in points:
     row = {"share": point.overrides[SHARE_KEY], "run": point.name}
     row.update(_final(point.workdir))
     after.append(row)
-  curves = {"cpt": _curve(os.path.join(root, "cpt"), METRICS["general_loss"])}
-  for point, row in zip(
-      sweep.sweep_points(sft_spec, os.path.join(root, "sft")), after):
-    # Each SFT run starts from the end of CPT.
+  offset = size.cpt_steps
+  curves = {}
+  if size.cpt_steps:
+    curves["cpt"] = _curve(os.path.join(root, "cpt"), METRICS["general_loss"])
+  for point, row in zip(points, after):
     curves[f"sft share={row['share']:g}"] = [
-        (before["step"], before["general_loss"])] + [
-            (before["step"] + s, v)
-            for s, v in _curve(point.workdir, METRICS["general_loss"])]
+        (offset + s, v)
+        for s, v in _curve(point.workdir, METRICS["general_loss"])]
   return {"before": before, "after": after, "curves": curves,
           "size": {"cpt_steps": size.cpt_steps, "sft_steps": size.sft_steps,
                    "domain_eval": size.domain_eval}}
@@ -107,7 +127,8 @@ def markdown(results: dict) -> str:
     cells = [f"{values[n]:.3f}" for n in names]
     return f"| {label} | {share} | " + " | ".join(cells) + " |"
 
-  lines.append(row("before SFT (after CPT)", "-", results["before"]))
+  lines.append(row("before SFT" + (" (after CPT)" if results["size"][
+      "cpt_steps"] else " (the base model)"), "-", results["before"]))
   for r in results["after"]:
     lines.append(row("after SFT", f"{r['share']:g}", r))
   return "\n".join(lines) + "\n"
@@ -153,7 +174,8 @@ def plot(results: dict, path: str) -> str:
     if curve:
       ax.plot([s for s, _ in curve], [v for _, v in curve], "o-", ms=3,
               label=label)
-  ax.axvline(before["step"], color="gray", ls=":", label="SFT starts")
+  ax.axvline(results["size"]["cpt_steps"], color="gray", ls=":",
+             label="SFT starts")
   ax.set_xlabel("training step (CPT, then SFT)")
   ax.set_title("General chat loss during training")
   ax.legend(fontsize=7)

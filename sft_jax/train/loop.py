@@ -178,7 +178,8 @@ class _HostMetrics:
         # Padding costs the same FLOPs as text: count every row token.
         s["perf/mfu"] = self._row_tokens * self._flops_per_token / (
             dt * self._peak)
-    if step % max(1, self._cfg.log.every_steps) == 0 or step == 1:
+    if (step % max(1, self._cfg.log.every_steps) == 0 or step == 1 or
+        step == self._cfg.train.steps):
       self._writer.write_scalars(step, s)
     self._progress.update(step, s)
     self.last = s
