@@ -263,7 +263,7 @@ def test_inspect_reports_generation_marker_disagreements(tmp_path, capsys):
                    "supervised", text)
   assert cli.main(["data", "dump", "--tokenizer", str(tmp_path / "tok"),
                    "--data", str(data), "--out", str(tmp_path / "o.jsonl"),
-                   "--strict"]) == 1
+                   "--strict"]) == 2
   assert f"{data}:1: the chat template's" in capsys.readouterr().err
 
 

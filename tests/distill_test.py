@@ -165,8 +165,9 @@ def test_config_errors_name_the_key(models_dir, tmp_path, capsys):
   with pytest.raises(distill.DistillConfigError, match="distill.divergence"):
     distill.check_config(_cfg(models_dir, "--config.distill.divergence=kl"))
   # The command line: one line, exit code 2, before any training.
-  from sft_jax.train import cli  # pylint: disable=g-import-not-at-top
-  code = cli.main(["--config", f"configs/tiny.py:model={models_dir / 'student'}",
+  from sft_jax import cli  # pylint: disable=g-import-not-at-top
+  code = cli.main(["train", "--config",
+                   f"configs/tiny.py:model={models_dir / 'student'}",
                    "--workdir", str(tmp_path / "run"),
                    f"--config.distill.teacher={models_dir / 'other_vocab'}"])
   assert code == 2

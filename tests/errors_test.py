@@ -73,9 +73,9 @@ def _knobs(d, data="train.jsonl", **more):
   return ",".join(f"{k}={v}" for k, v in knobs.items())
 
 
-def test_tiny_config_without_knobs(d, capsys):
-  _one_line(capsys, _train(d, ""), "train", "config: data.tokenizer is empty",
-            "tokenizer=DIR")
+def test_random_model_without_a_tokenizer(d, capsys):
+  _one_line(capsys, _train(d, "", "--config.data.tokenizer="), "train",
+            "config: data.tokenizer is empty", "tokenizer=DIR")
   assert not (d / "runs").exists()  # nothing half-made
 
 
@@ -156,7 +156,7 @@ def test_source_of_unknown_format_names_the_record(d, capsys):
 def test_source_whose_every_record_is_dropped(d, capsys):
   _one_line(capsys, _train(d, _knobs(d, data="no_reply.jsonl"),
                            workdir=str(d / "runs" / "dropped")), "train",
-            "data.sources.train: no usable example",
+            "source 'train'", "yields 0 examples",
             f"{d / 'no_reply.jsonl'}:1")
 
 
@@ -234,7 +234,7 @@ def test_bad_utf8_byte_costs_one_record(d, capsys):
                  str(bad), "--examples", "0", "--color", "never"])
   out = capsys.readouterr().out
   assert rc == 0
-  assert "examples: 2 kept, 0 truncated, 0 split into rows, 1 dropped" in out
+  assert "records: 2 kept, 1 dropped; examples: 2 kept" in out
   assert re.search(rf"{re.escape(str(bad))}:2: byte 0xff at column \d+ is "
                    "not UTF-8", out), out
 
@@ -272,7 +272,8 @@ def test_console_entry_point_in_a_real_process(d):
       [root, os.environ.get("PYTHONPATH", "")]))
   proc = subprocess.run(
       [sys.executable, "-m", "sft_jax", "train", "--config",
-       "configs/tiny.py", "--workdir", str(d / "runs" / "entry")],
+       "configs/tiny.py", "--workdir", str(d / "runs" / "entry"),
+       "--config.data.tokenizer="],
       cwd=root, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr
   assert proc.stderr.strip().splitlines() == [

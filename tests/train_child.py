@@ -33,8 +33,8 @@ def main() -> int:
 
   finish = loop._HostMetrics.finish  # pylint: disable=protected-access
 
-  def finish_then_signal(self, step, metrics):
-    out = finish(self, step, metrics)
+  def finish_then_signal(self, step, metrics, *rest):
+    out = finish(self, step, metrics, *rest)
     if step == args.at_step:
       if args.after_checkpoint is not None:
         path = os.path.join(workdir, "checkpoints", str(args.after_checkpoint))

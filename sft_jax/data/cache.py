@@ -250,7 +250,10 @@ def _build(path, src, tok, template, *, strict, workers, name="source"):
                 render=log.to_json())
     with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
       json.dump(meta, f)
+    # A source with no examples is an error of its own (one line), so no
+    # summary line goes before it.
     meter.close(
+        None if not meter.n else
         f"tokenized source {name!r}: {meter.n:,} examples, "
         f"{offsets[-1]:,} tokens in {progress.duration(meter.elapsed)} "
         f"({meter.n / max(meter.elapsed, 1e-9):,.0f} examples/s, "

@@ -356,7 +356,8 @@ def make_train_step(cfg: config_dict.ConfigDict,
   # LoRA dropout draws its masks from (seed, step, micro-batch), so a
   # resumed run repeats them.
   dropout = model_cfg.lora is not None and model_cfg.lora.dropout > 0
-  rules = sharding.rules_from_config(cfg.sharding.rules)
+  rules = (sharding.rules_from_config(cfg.sharding.rules) if mesh is not None
+           else None)
 
   def micro_loss(trainable, frozen, mb, denom, rng):
     variables = partition.merge(trainable, frozen)
@@ -439,7 +440,8 @@ def make_eval_step(cfg: config_dict.ConfigDict,
   count, accuracy = correct_sum / count, perplexity = exp(loss).
   """
   chunk, num_sources = cfg.train.ce_chunk, _num_sources(cfg)
-  rules = sharding.rules_from_config(cfg.sharding.rules)
+  rules = (sharding.rules_from_config(cfg.sharding.rules) if mesh is not None
+           else None)
 
   def eval_step(state: TrainState, batch: Batch) -> dict:
     with models.activation_sharding(mesh, rules):
