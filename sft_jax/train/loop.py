@@ -134,8 +134,9 @@ class _HostMetrics:
     self._last_time = None
     self.last: dict = {}
     self.skipped = 0
+    self.extra: dict[int, dict] = {}  # step -> host-side scalars
 
-  def finish(self, step: int, metrics: Any, extra: dict | None = None) -> dict:
+  def finish(self, step: int, metrics: Any) -> dict:
     """Fetches `metrics` of `step`, checks them, logs them; returns scalars.
 
     Raises NonFiniteError when the step is not finite and the config says to
@@ -162,7 +163,8 @@ class _HostMetrics:
     if "distill_loss" in m:
       s["train/distill_loss"] = float(m["distill_loss"])
     s["train/packing_efficiency"] = float(m["num_tokens"]) / self._row_tokens
-    s.update(extra or {})
+    # Host-side scalars of this step (examples and epochs seen).
+    s.update(self.extra.pop(step, {}))
     for sid, name in enumerate(self._sources):
       if m["source_count"][sid] > 0:
         s[f"train/loss/{name}"] = float(
@@ -402,7 +404,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
                   f"{time.perf_counter() - compile_start:.1f}s")
       if pending is not None:
         host.finish(*pending)
-      pending = (step, metrics, seen.scalars())
+      host.extra[step] = seen.scalars()
+      pending = (step, metrics)
 
       every = lambda n: n > 0 and step % n == 0
       last = step == cfg.train.steps
