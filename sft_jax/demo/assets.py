@@ -7,8 +7,9 @@ Everything is made locally from code and the chitchat-dataset package:
   <root>/base/                             HF Llama-shaped model (random init)
                                            + tokenizer files with the template
 
-The base model starts random; the demo's first stage (continued pretraining on
-the general corpus) is what teaches it English chat.
+The base model starts random. The full demo fine-tunes it directly, with the
+general chat mixed into SFT as the only source of English chat; sizes with
+cpt_steps > 0 first continue pretraining on the general corpus.
 """
 
 import dataclasses

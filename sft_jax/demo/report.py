@@ -224,14 +224,15 @@ Plot: {files['png']}
   left    held-out task: exact match, fields right and JSON validity of
           greedy answers, and next-token accuracy on the reference answers,
           against the share of general chat mixed into SFT; dashed = before SFT.
-  middle  held-out losses: task answers (purple) and general chat (red,
-          forgetting); dashed = before SFT.
-  right   general chat loss over training: it falls during continued
-          pretraining, then rises during SFT, less so with more general data.
+  middle  held-out losses: task answers (purple) and general chat (red);
+          dashed = before SFT.
+  right   general chat loss over SFT: it falls only where general chat is
+          mixed in (with continued pretraining, cpt_steps > 0, it falls
+          first, then rises during SFT).
 Table: {files['md']}   numbers: {files['json']}
 Sweep summary (final and best of every metric): {root}/sft/summary.md
 TensorBoard: tensorboard --logdir {root}
   Scalars: train/loss, eval/general/loss, eval/domain/loss, eval/gen/* per run
-  (cpt/tb, sft/<point>/tb); HParams: the sweep points side by side;
+  (sft/<point>/tb, and cpt/tb with continued pretraining); HParams: the sweep points side by side;
   tb_summary: demo/after_sft/* and demo/before_sft/* against the general share
   in percent (the x axis "step" = 0, 25, 50)."""
