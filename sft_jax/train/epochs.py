@@ -70,10 +70,12 @@ class Seen:
   """Running examples per source, kept in checkpoints for exact resume."""
 
   def __init__(self, names: list[str], sizes: dict[str, int],
-               process_count: int = 1):
+               row_share: float = 1.0):
+    """row_share: the fraction of each global batch's rows this process
+    feeds (processes holding replicas feed the same rows)."""
     self._names, self._sizes = names, sizes
-    # Each process counts its own rows; the processes read equal shares.
-    self._scale = process_count
+    # Each process counts its own rows and scales them to the global batch.
+    self._scale = round(1.0 / row_share)  # shards split rows evenly
     self.counts = {n: 0 for n in names}
 
   def add(self, batch: dict) -> None:

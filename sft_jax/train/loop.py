@@ -293,7 +293,8 @@ def train(cfg: config_dict.ConfigDict, workdir: str, *,
   seen = epochs_lib.Seen(
       data.source_names(cfg.data),
       epochs_lib.source_sizes(cfg.data, tok, cfg.train.seq_len),
-      jax.process_count())
+      len(sharding.process_rows(mesh, cfg.train.batch_size))
+      / cfg.train.batch_size)
   early = None
   if cfg.eval.early_stop_metric:
     early = evaluate.EarlyStopping(
