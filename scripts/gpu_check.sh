@@ -6,28 +6,47 @@
 #
 #   bash scripts/gpu_check.sh [WHEELS_DIR] [OUT_DIR]
 #
-# Fill WHEELS_DIR beforehand on a machine with PyPI access, for the GPU
-# machine's Python (3.12 here), e.g.:
-#   pip download -d wheels --python-version 3.12 --only-binary=:all: \
-#     grain datasets ml_collections "tokamax>=0.0.17" chitchat-dataset
+# Fill WHEELS_DIR beforehand, where PyPI is reachable, with the pinned
+# wheels the GPU machine lacks (for its Python, 3.12 here):
+#   bash scripts/gpu_wheels.sh wheels 3.12
+#
+# CHECK_PLATFORM (default cuda) and CHECK_ROWS (default accelerator) let the
+# script's own plumbing be tried on a CPU machine: CHECK_PLATFORM=cpu
+# CHECK_ROWS=tiny.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${1:-wheels}
 OUT=${2:-gpu_check_out}
+PLATFORM=${CHECK_PLATFORM:-cuda}
+ROWS=${CHECK_ROWS:-accelerator}
 mkdir -p "$OUT"
 start=$(date +%s)
 log() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$OUT/log.txt"; }
 
 log "environment"
-{ nvidia-smi; python -V
+{ nvidia-smi || true; python -V
   timeout 60 python -c "import jax; print(jax.__version__, jax.devices())"; } \
   > "$OUT/env.txt" 2>&1
 
-log "install from $WHEELS (no index)"
-timeout 90 python -m pip install -q --no-index --find-links "$WHEELS" \
-  grain datasets ml_collections tokamax chitchat-dataset \
-  > "$OUT/install.txt" 2>&1 || log "some wheels missing (see install.txt)"
-export PYTHONPATH=$PWD
+log "install from $WHEELS (no index, no dependencies: nothing installed is replaced)"
+SITE=$(mktemp -d)
+pip_install() {  # SECONDS WHEEL...
+  local limit=$1; shift
+  timeout "$limit" python -m pip install -q --no-index --no-deps --no-compile \
+    --target "$SITE" "$@"
+}
+# All at once; if one wheel is refused, the others one by one.
+if ! pip_install 90 "$WHEELS"/*.whl > "$OUT/install.txt" 2>&1; then
+  for whl in "$WHEELS"/*.whl; do
+    pip_install 30 "$whl" >> "$OUT/install.txt" 2>&1 \
+      || log "not installed: $(basename "$whl") (see install.txt)"
+  done
+fi
+export PYTHONPATH=$SITE:$PWD
+python -c "import grain, datasets, ml_collections; print('data ok')" \
+  >> "$OUT/install.txt" 2>&1 || log "data packages do not import (see install.txt)"
+python -c "import tokamax; print('tokamax', tokamax.__file__)" \
+  >> "$OUT/install.txt" 2>&1 || log "tokamax does not import (see install.txt)"
 python -m pip freeze > "$OUT/pip_freeze.txt" 2>&1
 
 # The default GPU XLA flags: keep them only if this XLA accepts them.
@@ -41,15 +60,15 @@ else
 fi
 
 log "GPU tests"
-JAX_PLATFORMS=cuda timeout 120 python -m pytest -q tests/attention_gpu_test.py \
+JAX_PLATFORMS=$PLATFORM timeout 120 python -m pytest -q tests/attention_gpu_test.py \
   tests/attention_test.py -k "not splash" --junitxml="$OUT/tests.xml" \
   > "$OUT/tests.txt" 2>&1
 log "tests exit $? ($(tail -1 "$OUT/tests.txt"))"
 
 log "benchmark table"
 remaining=$(( 450 - ($(date +%s) - start) ))
-JAX_PLATFORMS=cuda timeout $(( remaining > 30 ? remaining : 30 )) \
-  python scripts/benchmark_table.py --out-dir "$OUT" \
+JAX_PLATFORMS=$PLATFORM timeout $(( remaining > 30 ? remaining : 30 )) \
+  python scripts/benchmark_table.py --rows "$ROWS" --out-dir "$OUT" \
   --budget-s $(( remaining > 180 ? remaining - 180 : 0 )) \
   --row-timeout-s 170 > "$OUT/table.txt" 2>&1
 log "table exit $?"
