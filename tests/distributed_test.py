@@ -1,6 +1,7 @@
-"""A host that never reaches a barrier: the others fail with a clear message
-after distributed.barrier_timeout_s instead of waiting forever. Work that
-process 0 does first and fails: the others stop with its error."""
+"""A failed host never leaves the others waiting forever: a host that never
+reaches a barrier (distributed.barrier_timeout_s), work that process 0 does
+first and fails (its error), a host killed mid-training (the peer watchdog,
+distributed.heartbeat_timeout_s). Each is one line and exit code 4."""
 
 import os
 import pathlib
@@ -8,6 +9,8 @@ import socket
 import subprocess
 import sys
 import time
+
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -108,3 +111,27 @@ def test_a_killed_process_stops_the_others_in_one_line(tmp_path):
   assert lines[-1].startswith(
       "sft-jax train: distributed: process 0 of 2: process 1 sent no "
       "heartbeat for 3 s (distributed.heartbeat_timeout_s)"), err[-3000:]
+
+
+def test_peer_failures_are_one_line_with_exit_code_4(capsys):
+  from sft_jax import cli  # pylint: disable=g-import-not-at-top
+  from sft_jax import errors  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import distributed  # pylint: disable=g-import-not-at-top
+  for error in (
+      distributed.BarrierTimeoutError(
+          "process 1 of 2: the other processes did not reach 'checkpoint' "
+          "within 2 s (distributed.barrier_timeout_s); a host has failed or "
+          "is stuck.\n(DEADLINE_EXCEEDED: barrier)"),
+      distributed.MainProcessFailedError(
+          "process 1: process 0 failed at 'tokenize', so this process stops "
+          "too: DataError: a.jsonl:7: no 'messages'")):
+    def fail(argv, error=error):
+      del argv
+      raise error
+    assert cli.run_command("train", fail, [], debug=False) == 4
+    err = capsys.readouterr().err
+    assert err == ("sft-jax train: distributed: "
+                   f"{' '.join(str(error).split())}\n")
+  with pytest.raises(errors.UserError,
+                     match=r"distributed.heartbeat_timeout_s=0: must be > 0"):
+    distributed.initialize(heartbeat_timeout_s=0)

@@ -74,25 +74,29 @@ def ordered_map(fn, chunks, *, workers: int, inline_first: int, init,
   first = next(chunks, None)
   if first is None:
     return
-  pool = _context(preload).Pool(workers, init, initargs)
+  from concurrent import futures  # pylint: disable=g-import-not-at-top
+  # An executor, not a multiprocessing.Pool: a worker that dies (killed, out
+  # of memory) or fails to start raises BrokenProcessPool here instead of
+  # leaving its chunk unanswered forever.
+  pool = futures.ProcessPoolExecutor(workers, mp_context=_context(preload),
+                                     initializer=init, initargs=initargs)
   try:
-    pending = collections.deque()  # AsyncResult, or a list encoded here
+    pending = collections.deque()  # Future, or a list encoded here
     for items in _prepend(first, chunks):
       queued = sum(1 for p in pending
-                   if not isinstance(p, list) and not p.ready())
+                   if not isinstance(p, list) and not p.done())
       if queued < workers * _QUEUED_PER_WORKER:
-        pending.append(pool.apply_async(fn, (items,)))
+        pending.append(pool.submit(fn, items))
       else:
         pending.append(here(items))
-      while pending and (isinstance(pending[0], list) or pending[0].ready()
+      while pending and (isinstance(pending[0], list) or pending[0].done()
                          or len(pending) > _MAX_PENDING):
         yield _result(pending.popleft())
     while pending:
       yield _result(pending.popleft())
   finally:
     # Also on an early stop (a strict-mode error): never wait for the rest.
-    pool.terminate()
-    pool.join()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _context(preload):
@@ -115,7 +119,7 @@ def _prepend(first, rest):
 
 
 def _result(p):
-  return p if isinstance(p, list) else p.get()
+  return p if isinstance(p, list) else p.result()
 
 
 def quiet_tokenizer_threads() -> None:
