@@ -139,6 +139,7 @@ def get_config(arg=None):
 
   c.distributed = config_dict.ConfigDict()
   c.distributed.barrier_timeout_s = 1800.0  # Multi-host: wait this long at a barrier for the other hosts, then fail.
+  c.distributed.heartbeat_timeout_s = 100.0  # Multi-host: a process silent this long (dead, hung) stops the others (exit 4).
 
   c.data = data_config.default_config()  # Sources, mixing, packing: see sft_jax/data.
   return c

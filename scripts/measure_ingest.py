@@ -2,7 +2,7 @@
 
   python scripts/measure_ingest.py write /tmp/ckpt_1b      # random Llama-3.2-1B shapes
   python scripts/measure_ingest.py load /tmp/ckpt_1b --devices 8 --fsdp 8
-  python scripts/measure_ingest.py tokenize --records 20000 --workers 1,2
+  python scripts/measure_ingest.py tokenize --records 30000 --workers 1,0 --repeat 3
 
 `write` stores a random bfloat16 checkpoint of the Llama-3.2-1B architecture
 (1.24B parameters), one safetensors file per layer so writing it stays small.
@@ -12,7 +12,9 @@ the level just before loading, next to the loaded parameters' bytes (on CPU
 the "devices" live in host memory too, so peak - result is the transient
 host cost; anon_* leaves out file pages mapped while reading, which the
 kernel can drop). `tokenize` times `data.prepare_source` on synthetic chat records
-with each worker count (fresh cache each time).
+with each worker count (0 = the default, chosen from the CPUs and the source
+size), `--repeat` times in alternation, a fresh cache each time, and checks
+every cache is byte-identical to the first.
 """
 
 import argparse
@@ -132,7 +134,14 @@ def _load(path, devices, fsdp, tensor):
           resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
-def _tokenize(records, workers_list):
+def _cpu_seconds():
+  """(this process, its finished child processes) user + system seconds."""
+  own = resource.getrusage(resource.RUSAGE_SELF)
+  kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def _tokenize(records, workers_list, repeat):
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
       __file__)), "tests"))
   import tiny_tok  # pylint: disable=g-import-not-at-top
@@ -149,17 +158,30 @@ def _tokenize(records, workers_list):
       fh.write(json.dumps({"messages": [
           {"role": "user", "content": q},
           {"role": "assistant", "content": a}]}) + "\n")
-  for workers in workers_list:
-    cfg = data.default_config()
-    cfg.cache_dir = os.path.join(tmp, f"cache{workers}")
-    cfg.tokenize_workers = workers
-    src = data.source_config(path=path)
-    start = time.perf_counter()
-    p = data.prepare_source("train", src, cfg, tok, seq_len=512)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"workers": workers, "records": records,
-                      "examples": int(len(p.keep)), "seconds": round(seconds, 2),
-                      "records_per_s": round(records / seconds, 1)}))
+  from sft_jax.data import cache  # pylint: disable=g-import-not-at-top
+  src = data.source_config(path=path)
+  reference = None
+  for n in range(repeat):
+    for workers in workers_list:
+      cfg = data.default_config()
+      cfg.cache_dir = os.path.join(tmp, f"cache{workers}-{n}")
+      cfg.tokenize_workers = workers
+      cpu = _cpu_seconds()
+      start = time.perf_counter()
+      p = data.prepare_source("train", src, cfg, tok, seq_len=512)
+      seconds = time.perf_counter() - start
+      cpu = [round(b - a, 1) for a, b in zip(cpu, _cpu_seconds())]
+      entry = p.tokenized.cache_path
+      files = {f: open(os.path.join(entry, f), "rb").read()
+               for f in sorted(os.listdir(entry))}
+      reference = reference or files
+      print(json.dumps({
+          "workers": workers, "used": cache.resolve_workers(workers, src),
+          "records": records, "examples": int(len(p.keep)),
+          "seconds": round(seconds, 2),
+          "records_per_s": round(records / seconds, 1),
+          "cpu_s_parent": cpu[0], "cpu_s_workers": cpu[1],
+          "identical_to_first": files == reference}), flush=True)
 
 
 def main():
@@ -175,14 +197,17 @@ def main():
   l.add_argument("--tensor", type=int, default=1)
   t = sub.add_parser("tokenize")
   t.add_argument("--records", type=int, default=20000)
-  t.add_argument("--workers", default="1,2")
+  t.add_argument("--workers", default="1,0",
+                 help="worker counts to compare (0 = the default, auto)")
+  t.add_argument("--repeat", type=int, default=1)
   args = p.parse_args()
   if args.cmd == "write":
     _write(args.dir)
   elif args.cmd == "load":
     _load(args.dir, args.devices, args.fsdp, args.tensor)
   else:
-    _tokenize(args.records, [int(x) for x in args.workers.split(",")])
+    _tokenize(args.records, [int(x) for x in args.workers.split(",")],
+              args.repeat)
 
 
 if __name__ == "__main__":

@@ -55,8 +55,9 @@ def _usage() -> str:
             "  --verbose   library log messages (absl, Orbax) on the console",
             "", "exit codes: 0 finished, 1 bug (traceback), 2 user error "
             "(one line),",
-            "  3 train stopped on a non-finite loss, 75 train preempted "
-            "(SIGTERM/Ctrl-C;",
+            "  3 train stopped on a non-finite loss, 4 another process of a "
+            "multi-host run",
+            "  failed (rerun to resume), 75 train preempted (SIGTERM/Ctrl-C;",
             "  saved, rerun to resume), 130 interrupted outside training.",
             "", "Run `sft-jax COMMAND --help` for a command's options."]
   return "\n".join(lines)
@@ -126,8 +127,17 @@ def run_command(name: str, func, argv: list[str], *, debug: bool) -> int:
       raise
     print(f"sft-jax {name}: interrupted", file=sys.stderr, flush=True)
     return errors.EXIT_INTERRUPTED
+  except errors.PeerFailedError as e:
+    if debug:
+      traceback.print_exc()
+    print(f"sft-jax {name}: {e.what}: {' '.join(str(e).split())}",
+          file=sys.stderr, flush=True)
+    return _exit_after_peer_failure(errors.EXIT_PEER_FAILED)
   except Exception as e:  # pylint: disable=broad-except
     user = errors.user_error_of(e)
+    distributed = sys.modules.get("sft_jax.train.distributed")
+    if user is None and distributed is not None:
+      distributed.after_error(e)  # a failed peer exits there, in one line
     if user is None:
       traceback.print_exc()
       print(f"sft-jax {name}: internal error ({type(e).__name__}); this is a "
@@ -140,6 +150,12 @@ def run_command(name: str, func, argv: list[str], *, debug: bool) -> int:
     print(f"sft-jax {name}: {user.what}: {message}", file=sys.stderr,
           flush=True)
     return errors.EXIT_USAGE
+
+
+def _exit_after_peer_failure(code: int) -> int:
+  distributed = sys.modules.get("sft_jax.train.distributed")
+  return code if distributed is None else (
+      distributed.exit_after_peer_failure(code))
 
 
 def main(argv=None) -> int:

@@ -24,6 +24,7 @@ EXIT_OK = 0  # Finished.
 EXIT_BUG = 1  # An unexpected error (a bug): a traceback was printed.
 EXIT_USAGE = 2  # A user error: one line on stderr says what and where.
 EXIT_NONFINITE = 3  # train: a non-finite loss stopped the run.
+EXIT_PEER_FAILED = 4  # multi-host: another process failed or hung; rerun resumes.
 EXIT_PREEMPTED = 75  # train: stopped by SIGTERM/SIGINT, saved; rerun resumes.
 EXIT_INTERRUPTED = 130  # Ctrl-C outside training (nothing to save).
 
@@ -36,6 +37,12 @@ class UserError(Exception):
     super().__init__(message)
     if what is not None:
       self.what = what
+
+
+class PeerFailedError(Exception):
+  """Multi-host: another process failed, hung or never arrived; this one
+  stops with one line (EXIT_PEER_FAILED) instead of waiting forever."""
+  what = "distributed"
 
 
 class WorkdirError(UserError):

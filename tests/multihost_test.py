@@ -177,3 +177,80 @@ def test_resume_on_another_mesh_equals_uninterrupted(setup, fsdp8_run, how):
   got = run_lib.load_run(str(workdir)).params
   jax.tree.map(lambda a, b: np.testing.assert_allclose(
       np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6), got, ref)
+
+
+def run_processes(code, args, *, env, timeout):
+  """Runs `python -c code ARGS COORDINATOR I` as process I of len(args)
+  joined processes (args: one argv list each); returns [(rc, out, err)].
+  Every process is killed if any runs past `timeout` seconds."""
+  coordinator = f"127.0.0.1:{_free_port()}"
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", code, coordinator, str(i), *a], env=env,
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i, a in enumerate(args)]
+  outs = []
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=timeout)
+      outs.append((p.returncode, out, err))
+  finally:
+    for p in procs:
+      p.kill()
+      p.communicate()
+  return outs
+
+
+# A 4-device fsdp mesh over two processes (2 devices each): every stacked
+# leaf is split across both, so save_hf must gather it layer by layer.
+_SAVE_HF = """
+import json, os, sys
+from sft_jax.train import distributed
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+import jax
+from ml_collections import config_dict
+from configs import base
+from sft_jax import models
+from sft_jax.train import sharding
+src, out = sys.argv[3], sys.argv[4]
+mesh = sharding.make_mesh(config_dict.ConfigDict(dict(data=1, fsdp=4,
+                                                      tensor=1)))
+cfg = models.ModelConfig.from_hf_config(
+    json.load(open(os.path.join(src, "config.json"))))
+shardings = sharding.tree_shardings(
+    models.logical_axes(cfg)["params"], models.param_shapes(cfg), mesh,
+    sharding.rules_from_config(base.get_config().sharding.rules))
+cfg, params = models.load_hf(src, shardings=shardings)
+split = [x for x in jax.tree.leaves(params)
+         if not x.is_fully_addressable and not x.is_fully_replicated]
+print("split leaves:", len(split), "of", len(jax.tree.leaves(params)))
+print("files:", models.save_hf(cfg, params, out, max_shard_size=40_000))
+"""
+
+
+def test_save_hf_from_two_processes_equals_one_process(tmp_path):
+  """Params sharded over both processes export to the same bytes as a
+  one-process export, several safetensors files and their index included;
+  process 1 writes nothing."""
+  from sft_jax import models  # pylint: disable=g-import-not-at-top
+  import tiny_hf  # pylint: disable=g-import-not-at-top
+  src = tiny_hf.make_tiny_hf("llama", tmp_path / "src")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get(
+                 "PYTHONPATH", "")]))
+  outs = run_processes(_SAVE_HF, [[src, str(tmp_path / f"out{i}")]
+                                  for i in range(2)], env=env, timeout=240)
+  for rc, out, err in outs:
+    assert rc == 0, out[-2000:] + err[-3000:]
+  n_split, _, n_leaves = outs[0][1].split("split leaves: ")[1].split()[:3]
+  assert int(n_split) >= int(n_leaves) // 2, outs[0][1]
+  cfg, params = models.load_hf(src)
+  files = models.save_hf(cfg, params, str(tmp_path / "ref"),
+                         max_shard_size=40_000)
+  assert len(files) > 2
+  ref = sorted(os.listdir(tmp_path / "ref"))
+  assert sorted(os.listdir(tmp_path / "out0")) == ref
+  for name in ref:
+    assert ((tmp_path / "out0" / name).read_bytes() ==
+            (tmp_path / "ref" / name).read_bytes()), name
+  assert not (tmp_path / "out1").exists()

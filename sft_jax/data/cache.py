@@ -24,6 +24,7 @@ import numpy as np
 from sft_jax.data import formats
 from sft_jax.data import render
 from sft_jax.data import sources
+from sft_jax.data import workers as workers_lib
 from sft_jax.data.errors import DataError, DropLog, RecordError, RenderLog
 
 _VERSION = 2  # bump when the encoding rules change
@@ -88,14 +89,25 @@ def _split_where(where: str) -> tuple[str, str, int]:
   return where[:cut], where[cut], int(where[cut + 1:])
 
 
-_CHUNK = 64  # records per batched tokenizer call
-_INLINE_CHUNKS = 16  # a source longer than this many chunks gets workers
+_CHUNK = 256  # records per batched tokenizer call (and per worker task)
+_INLINE_CHUNKS = 4  # encoded in-process before any worker starts
 _WORKER_ENCODER = None  # set in each tokenizer worker process
 
 
 def _init_worker(tok, template, src):
   global _WORKER_ENCODER
+  workers_lib.quiet_tokenizer_threads()
   _WORKER_ENCODER = make_encoder(tok, template, src)
+
+
+def resolve_workers(workers: int, src) -> int:
+  """data.tokenize_workers, with 0 (auto) chosen from the CPUs and the
+  source's size (see workers.auto_workers)."""
+  if workers > 0:
+    return workers
+  files, hub = sources.resolve(src.path)
+  return workers_lib.auto_workers(
+      None if hub else sum(os.path.getsize(f) for f in files))
 
 
 def _encode_chunk(items, encoder=None):
@@ -124,9 +136,10 @@ def encode_records(src, tok, template, *, strict: bool, drops: DropLog,
   A record makes one example, or several when its template rewrites history
   (counted in `log`, with generation-marker disagreements). Rejected records
   are counted in `drops` (or raise DataError when strict, at the first bad
-  record in file order; so does a marker disagreement). Records are tokenized in chunks with
-  one batched tokenizer call each; past the first few chunks (a large
-  source), chunks go to `workers` spawned processes, in order.
+  record in file order; so does a marker disagreement). Records are tokenized
+  in chunks with one batched tokenizer call each; past the first few chunks
+  (a large source), chunks also go to `workers` processes (workers.py), with
+  results in file order either way.
   """
   fmt = [src.format]
   log = log if log is not None else RenderLog()
@@ -152,17 +165,15 @@ def encode_records(src, tok, template, *, strict: bool, drops: DropLog,
     if items:
       yield items
 
+  def encode_here(items):
+    return _encode_chunk(items, encoder)
+
   def encoded(stream):
-    yield _encode_chunk(next(stream, []), encoder)
-    for n, items in enumerate(stream):
-      if workers > 1 and n >= _INLINE_CHUNKS:
-        import multiprocessing  # pylint: disable=g-import-not-at-top
-        # spawn, not fork: the parent may hold JAX or tokenizer threads.
-        with multiprocessing.get_context("spawn").Pool(
-            workers, _init_worker, (tok, template, src)) as pool:
-          yield from pool.imap(_encode_chunk, itertools.chain([items], stream))
-        return
-      yield _encode_chunk(items, encoder)
+    yield encode_here(next(stream, []))  # the format is known after it
+    yield from workers_lib.ordered_map(
+        _encode_chunk, stream, workers=workers, inline_first=_INLINE_CHUNKS - 1,
+        init=_init_worker, initargs=(tok, template, src), here=encode_here,
+        preload=(__name__, type(tok).__module__))
 
   results = encoded(chunks())
   first = next(results)  # reads the first chunk: the format is known now
@@ -197,8 +208,8 @@ def tokenize_source(name: str, src, tok, template: str | None, *,
   key = cache_key(src, tok, template)
   path = os.path.join(cache_dir, f"{name}-{key}")
   if not os.path.exists(os.path.join(path, "meta.json")):
-    _build(path, src, tok, template, strict=strict, workers=workers,
-           name=name)
+    _build(path, src, tok, template, strict=strict,
+           workers=resolve_workers(workers, src), name=name)
   out = _load(name, path)
   if strict and out.drops.total:
     raise out.drops.first_error(f"source {name!r}")

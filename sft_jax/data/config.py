@@ -91,10 +91,7 @@ def default_config() -> ml_collections.ConfigDict:
       max_segments_per_row=64,  # static cap on examples packed into one row
       shuffle=True,  # shuffle each source every epoch (seeded)
       cache_dir="~/.cache/sft_jax/data",  # tokenized-source cache
-      # Processes tokenizing a large source when its cache entry is built
-      # (the first ~1k records stay in-process). Worth raising on many-core
-      # hosts; on 2 cores the batched tokenizer already uses both.
-      tokenize_workers=1,
+      tokenize_workers=0,  # Processes tokenizing a source: 0 = auto (CPUs - 1, one per 4 MB of it), 1 = none.
       # Grain threads reading examples (0: inline; the cache is memory-mapped,
       # so reads are cheap and threads mostly contend for the GIL).
       read_threads=0,
@@ -111,6 +108,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   if cfg.packing not in PACKING_MODES:
     raise DataError(f"data.packing={cfg.packing!r}; expected one of "
                     f"{PACKING_MODES}")
+  if cfg.tokenize_workers < 0:
+    raise DataError(f"data.tokenize_workers={cfg.tokenize_workers} < 0; "
+                    "expected 0 (auto) or a process count")
   for group in ("sources", "eval_sources"):
     for name, src in cfg[group].items():
       if src.format not in FORMATS:

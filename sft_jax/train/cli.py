@@ -28,6 +28,7 @@ checked before anything is loaded; a problem is one line naming the file,
 line or key, with exit code 2.
 
 exit codes: 0 finished, 1 bug, 2 user error, 3 non-finite loss,
+4 another process of a multi-host run failed or hung (rerun to resume),
 75 preempted (saved; rerun to resume).
 
 Multi-host: on TPU pods, SLURM and Open MPI jobs every process is found
@@ -92,13 +93,15 @@ def main(argv=None) -> int:
   args = _parser().parse_args(rest)
 
   # jax.distributed must start before any device is touched, so this comes
-  # before importing anything that might.
+  # before importing anything that might (loading the config touches none).
+  cfg = config_lib.load_config(args.config, overrides)
   from sft_jax.train import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(args.coordinator, args.num_processes,
-                         args.process_id)
+                         args.process_id,
+                         cfg.distributed.heartbeat_timeout_s)
+  distributed.start_watchdog(cfg.distributed.heartbeat_timeout_s, "train")
 
   # Every value is checked before anything is loaded or written.
-  cfg = config_lib.load_config(args.config, overrides)
   from sft_jax import errors  # pylint: disable=g-import-not-at-top
   from sft_jax.train import validate  # pylint: disable=g-import-not-at-top
   validate.validate(cfg)

@@ -11,11 +11,23 @@ called before anything touches a device. Three cases:
 
 On CPU, cross-process collectives need gloo, which must be chosen before the
 backend starts.
+
+A failed host: barriers wait at most `distributed.barrier_timeout_s`, and a
+watchdog (`start_watchdog`) stops every other process with one line naming
+the silent process after `distributed.heartbeat_timeout_s`, also when they
+are blocked inside a compiled step's collectives (see PeerWatchdog).
 """
 
+import atexit
 import os
+import re
+import sys
+import threading
+import time
 
 import jax
+
+from sft_jax import errors
 
 
 def _cluster_detected() -> bool:
@@ -31,7 +43,8 @@ def _cluster_detected() -> bool:
 
 def initialize(coordinator: str | None = None,
                num_processes: int | None = None,
-               process_id: int | None = None) -> tuple[int, int]:
+               process_id: int | None = None,
+               heartbeat_timeout_s: float = 100.0) -> tuple[int, int]:
   """Starts `jax.distributed` when the job spans several processes.
 
   Args:
@@ -39,10 +52,18 @@ def initialize(coordinator: str | None = None,
     num_processes: total number of processes (with `coordinator`).
     process_id: this process's index in [0, num_processes) (with
       `coordinator`).
+    heartbeat_timeout_s: distributed.heartbeat_timeout_s. JAX's own
+      coordination service gets twice this: it aborts every process when a
+      task misses its heartbeats, with a long log; the watchdog, started
+      after this, speaks first, in one line.
 
   Returns:
     (process_index, process_count) after initialisation.
   """
+  if not heartbeat_timeout_s > 0:
+    raise errors.UserError(
+        f"distributed.heartbeat_timeout_s={heartbeat_timeout_s}: must be > 0",
+        what="config")
   explicit = (coordinator, num_processes, process_id)
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
@@ -55,11 +76,18 @@ def initialize(coordinator: str | None = None,
           f"--process-id {process_id} is outside [0, {num_processes})")
     if num_processes > 1:
       _use_gloo_on_cpu()
-      jax.distributed.initialize(coordinator, num_processes, process_id)
+      jax.distributed.initialize(
+          coordinator, num_processes, process_id,
+          heartbeat_timeout_seconds=_jax_heartbeat_s(heartbeat_timeout_s))
   elif _cluster_detected():
     _use_gloo_on_cpu()
-    jax.distributed.initialize()
+    jax.distributed.initialize(
+        heartbeat_timeout_seconds=_jax_heartbeat_s(heartbeat_timeout_s))
   return jax.process_index(), jax.process_count()
+
+
+def _jax_heartbeat_s(timeout_s: float) -> int:
+  return max(2, int(2 * timeout_s + 0.999))
 
 
 def _use_gloo_on_cpu() -> None:
@@ -71,7 +99,7 @@ def _use_gloo_on_cpu() -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
-class BarrierTimeoutError(RuntimeError):
+class BarrierTimeoutError(errors.PeerFailedError):
   """Another process did not reach a barrier in time (a failed host)."""
 
 
@@ -102,7 +130,7 @@ def barrier(name: str, timeout_s: float) -> None:
     ) from e
 
 
-class MainProcessFailedError(RuntimeError):
+class MainProcessFailedError(errors.PeerFailedError):
   """Process 0 failed at work the others were waiting for."""
 
 
@@ -138,3 +166,137 @@ def main_process_first(fn, name: str, timeout_s: float):
         f"process {jax.process_index()}: process 0 failed at {name!r}, "
         f"so this process stops too: {error}")
   return fn()
+
+
+class PeerWatchdog:
+  """Stops this process when another one falls silent.
+
+  A host that dies inside a compiled step leaves the others blocked in a
+  collective (NCCL and TPU collectives wait forever) or failing with a
+  transport error (gloo on CPU). Each process runs this thread: it bumps a
+  counter under `sft_jax/alive/<process>` in the coordination service's
+  key-value store every `timeout_s / 5` seconds and reads everyone's. When a
+  peer's counter has not moved for `timeout_s` (or the coordinator, process
+  0, cannot be reached for that long) it prints one line naming the process
+  and exits with EXIT_PEER_FAILED, without the JAX client's shutdown (that
+  would wait for the dead peer, then abort). A process that ends normally
+  writes "done" first, so the others never mistake it for a failure.
+  """
+
+  _PREFIX = "sft_jax/alive/"
+
+  def __init__(self, timeout_s: float, command: str):
+    from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+    self.timeout_s = float(timeout_s)
+    self.command = command
+    self._client = jax_distributed.global_state.client
+    self._me, self._n = jax.process_index(), jax.process_count()
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True,
+                                    name="sft_jax-peer-watchdog")
+
+  def start(self) -> "PeerWatchdog":
+    self._thread.start()
+    atexit.register(self.stop)  # runs before the client's shutdown
+    return self
+
+  def stop(self) -> None:
+    if self._stop.is_set():
+      return
+    self._stop.set()
+    try:
+      self._client.key_value_set(f"{self._PREFIX}{self._me}", "done",
+                                 allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except
+      pass  # the coordinator is gone: nobody is left to tell
+
+  def _run(self) -> None:
+    now = time.monotonic()
+    last = {p: None for p in range(self._n) if p != self._me}
+    moved = dict.fromkeys(last, now)
+    contact, beat = now, 0
+    while not self._stop.wait(max(0.2, self.timeout_s / 5)):
+      now = time.monotonic()
+      try:
+        beat += 1
+        self._client.key_value_set(f"{self._PREFIX}{self._me}", str(beat),
+                                   allow_overwrite=True)
+        values = dict(self._client.key_value_dir_get(self._PREFIX))
+        contact = now
+      except Exception as e:  # pylint: disable=broad-except
+        if self._stop.is_set():
+          return
+        if now - contact > self.timeout_s:
+          self._fail(f"process 0 (the coordinator) has not answered for "
+                     f"{self.timeout_s:g} s (distributed.heartbeat_timeout_s)"
+                     f": it has failed or is unreachable ({_first_line(e)})")
+        continue
+      for p in last:
+        value = values.get(f"{self._PREFIX}{p}")
+        if value == "done":
+          moved[p] = now
+        elif value != last[p]:
+          last[p], moved[p] = value, now
+        elif now - moved[p] > self.timeout_s:
+          self._fail(f"process {p} sent no heartbeat for {self.timeout_s:g} s"
+                     " (distributed.heartbeat_timeout_s): it has failed or "
+                     "hangs")
+
+  def _fail(self, what: str) -> None:
+    if self._stop.is_set():
+      return
+    print(f"sft-jax {self.command}: distributed: process {self._me} of "
+          f"{self._n}: {what}; this process stops too (exit code "
+          f"{errors.EXIT_PEER_FAILED}); rerun resumes from the last "
+          "checkpoint", file=sys.stderr, flush=True)
+    _exit_now(errors.EXIT_PEER_FAILED)
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _exit_now(code: int) -> None:
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)  # pylint: disable=protected-access
+
+
+_watchdog: PeerWatchdog | None = None
+
+
+def start_watchdog(timeout_s: float, command: str) -> None:
+  """Starts the PeerWatchdog of a multi-process run (no-op otherwise)."""
+  global _watchdog
+  if jax.process_count() > 1 and _watchdog is None:
+    _watchdog = PeerWatchdog(timeout_s, command).start()
+
+
+# Errors a collective raises when its peer is gone (gloo on CPU raises at
+# once; the watchdog then tells which process failed).
+_TRANSPORT = re.compile(r"gloo|nccl|connection|collective|heartbeat|"
+                        r"coordination|unavailable|deadline|socket|peer",
+                        re.IGNORECASE)
+
+
+def after_error(exc: BaseException) -> None:
+  """Called with an unexpected error before it is reported as a bug: in a
+  multi-process run with a watchdog, a transport error waits for the
+  watchdog's verdict on the peers (it exits with one line if one failed)."""
+  if _watchdog is None or not _TRANSPORT.search(str(exc)):
+    return
+  deadline = time.monotonic() + 1.5 * _watchdog.timeout_s + 5
+  while time.monotonic() < deadline and not _watchdog._stop.is_set():  # pylint: disable=protected-access
+    time.sleep(0.2)
+
+
+def exit_after_peer_failure(code: int) -> int:
+  """Leaves a multi-process run at once (a normal exit would wait in the JAX
+  client's shutdown for the failed peer, then abort); returns `code` in a
+  single process."""
+  if jax.process_count() > 1:
+    if _watchdog is not None:
+      _watchdog._stop.set()  # pylint: disable=protected-access
+    _exit_now(code)
+  return code

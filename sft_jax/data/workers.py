@@ -1,0 +1,127 @@
+"""Tokenizing a large source with worker processes, results in file order.
+
+Rendering chat templates (Jinja) and building masks is Python holding the
+GIL, about three quarters of the time per record; the fast tokenizer's own
+batch call is already parallel in Rust. So the parallelism that pays is one
+of processes, each rendering and tokenizing whole chunks of records.
+
+A spawned worker costs seconds to start (it imports transformers and
+unpickles the tokenizer). Three things keep that from making a source slower:
+a source too small to repay it gets no pool (`auto_workers`); chunks are
+large, so pickling is a small share of a chunk's work; and the parent keeps
+encoding chunks itself while the workers start and whenever all of them are
+busy, instead of waiting for them. Results are yielded in chunk order, so the
+cache is byte-identical to one process's.
+"""
+
+import collections
+import os
+
+# A worker starts in ~2-4 CPU seconds; at ~600 chat records/s per core
+# (~300 KB/s of JSONL), 4 MB of records per worker is ~13 s of work, several
+# times its start-up.
+_BYTES_PER_WORKER = 4 << 20
+_MAX_WORKERS = 64
+_QUEUED_PER_WORKER = 4  # chunks waiting per worker before the parent helps
+_MAX_PENDING = 64  # chunks held for ordering (bounds the parent's memory)
+
+
+def cpu_count() -> int:
+  """CPUs this process may run on (the affinity mask, not the machine)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
+def auto_workers(local_bytes: int | None, cpus: int | None = None) -> int:
+  """Worker processes for a source of `local_bytes` (None: unknown size,
+  a hub dataset): one per CPU but the parent's, at most one per
+  `_BYTES_PER_WORKER`; 1 means no pool.
+
+  The parent keeps a CPU busy reading, writing and encoding (its Rust batch
+  calls use every CPU), so on 2 CPUs a pool only adds start-up and pickling:
+  measured slower there (scripts/measure_ingest.py tokenize).
+  """
+  cpus = cpu_count() if cpus is None else cpus
+  n = min(cpus - 1, _MAX_WORKERS)
+  if local_bytes is not None:
+    n = min(n, local_bytes // _BYTES_PER_WORKER)
+  return max(1, n)
+
+
+def ordered_map(fn, chunks, *, workers: int, inline_first: int, init,
+                initargs, here, preload=()):
+  """Yields the result of each chunk, in order: here(chunk) in this process,
+  fn(chunk) in a worker (the same result).
+
+  The first `inline_first` chunks are encoded here (a small source never
+  starts a pool); after that, with `workers` > 1, chunks go to `workers`
+  spawned processes set up by `init(*initargs)`, except while every worker
+  already has `_QUEUED_PER_WORKER` chunks waiting: then this process encodes
+  the chunk itself. `fn`, `init` and `initargs` must be picklable;
+  `preload` names modules the workers import before forking (see _context).
+  """
+  chunks = iter(chunks)
+  if workers <= 1:
+    yield from map(here, chunks)
+    return
+  for _ in range(inline_first):
+    items = next(chunks, None)
+    if items is None:
+      return
+    yield here(items)
+  first = next(chunks, None)
+  if first is None:
+    return
+  from concurrent import futures  # pylint: disable=g-import-not-at-top
+  # An executor, not a multiprocessing.Pool: a worker that dies (killed, out
+  # of memory) or fails to start raises BrokenProcessPool here instead of
+  # leaving its chunk unanswered forever.
+  pool = futures.ProcessPoolExecutor(workers, mp_context=_context(preload),
+                                     initializer=init, initargs=initargs)
+  try:
+    pending = collections.deque()  # Future, or a list encoded here
+    for items in _prepend(first, chunks):
+      queued = sum(1 for p in pending
+                   if not isinstance(p, list) and not p.done())
+      if queued < workers * _QUEUED_PER_WORKER:
+        pending.append(pool.submit(fn, items))
+      else:
+        pending.append(here(items))
+      while pending and (isinstance(pending[0], list) or pending[0].done()
+                         or len(pending) > _MAX_PENDING):
+        yield _result(pending.popleft())
+    while pending:
+      yield _result(pending.popleft())
+  finally:
+    # Also on an early stop (a strict-mode error): never wait for the rest.
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _context(preload):
+  """Workers fork from a fork server, not from this process (which may hold
+  JAX or tokenizer threads, unsafe to fork) and are not spawned afresh (each
+  would import transformers and JAX again: seconds of CPU apiece). The server
+  starts once per process, imports `preload`, and stays for later sources."""
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  try:
+    ctx = multiprocessing.get_context("forkserver")
+  except ValueError:  # a platform without fork
+    return multiprocessing.get_context("spawn")
+  ctx.set_forkserver_preload(list(preload))
+  return ctx
+
+
+def _prepend(first, rest):
+  yield first
+  yield from rest
+
+
+def _result(p):
+  return p if isinstance(p, list) else p.result()
+
+
+def quiet_tokenizer_threads() -> None:
+  """In a worker: one Rust thread, since the workers already fill the CPUs."""
+  os.environ["TOKENIZERS_PARALLELISM"] = "false"
