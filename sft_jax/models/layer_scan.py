@@ -53,18 +53,23 @@ def scan_plan(windows: Sequence[int]) -> Plan:
   """Pieces ((window per period position), groups) covering `windows` in order.
 
   Chooses the cover with the fewest layer bodies to compile (sum of the
-  periods): runs of one window each, or the shortest period P that repeats
-  at least twice from the first layer followed by runs for the remainder.
+  periods), then the fewest loops: runs of one window each, or a period P
+  that repeats at least twice from the first layer followed by runs for the
+  remainder.
   """
   windows = [int(w) for w in windows]
   n = len(windows)
+
+  def cost(plan):  # layer bodies to compile, then loops
+    return sum(len(period) for period, _ in plan), len(plan)
+
   best = _runs(windows)
   for period in range(2, n // 2 + 1):
     k = n // period
     if any(windows[i] != windows[i % period] for i in range(k * period)):
       continue
     cand = [(tuple(windows[:period]), k)] + _runs(windows[k * period:])
-    if sum(len(p) for p, _ in cand) < sum(len(p) for p, _ in best):
+    if cost(cand) < cost(best):
       best = cand
   return tuple(best)
 
