@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import tiny
 from sft_jax.models import attention as attention_lib
 from sft_jax.models import attention_chunked
 from sft_jax.models import attention_gpu
@@ -101,9 +100,9 @@ def _splash_step_on_a_mesh(attention: str, run: bool = True):
       "--config.optim.warmup_steps=0", "--config.optim.clip_norm=0",
       "--config.optim.weight_decay=0", f"--config.model.attention={attention}",
       "--config.train.batch_size=4", "--config.train.seq_len=128",
-      "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tensor=2",
-      "--config.model.hf_config=" + json.dumps(
-          dict(tiny.TINY_LLAMA, num_hidden_layers=1))])
+      "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tensor=2"])
+  cfg.model.hf_config = json.dumps(dict(json.loads(cfg.model.hf_config),
+                                        num_hidden_layers=1))
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:4])
   model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
   state, shardings = step_lib.init_train_state(cfg, model_cfg, variables,
