@@ -1,5 +1,9 @@
 """Every attention backend against the `xla` reference on packed GQA rows."""
 
+import contextlib
+import functools
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +12,11 @@ import pytest
 from sft_jax.models import attention as attention_lib
 from sft_jax.models import attention_chunked
 from sft_jax.models import attention_gpu
+from sft_jax.train import bench
+from sft_jax.train import config as config_lib
+from sft_jax.train import model_setup
+from sft_jax.train import sharding
+from sft_jax.train import step as step_lib
 
 # Row 0: three segments then padding; row 1: padding first, then two segments
 # (boundaries not on any block edge). Positions restart in every segment.
@@ -80,6 +89,59 @@ def test_splash_under_a_mesh_runs_per_shard():
                        devices=jax.devices()[:4])
   with jax.set_mesh(mesh):
     assert contract_error(attention_lib.backend("splash"), "sliding") < 2e-4
+
+
+def _splash_step_on_a_mesh(attention: str, run: bool = True):
+  """One SGD step (update = grad) of a 1-layer tiny Llama, data 2 x tensor 2,
+  on packed rows of 128 tokens: (lowered text, (metrics, new params))."""
+  cfg = config_lib.load_config("configs/tiny.py", [
+      "--config.optim.name=sgd", "--config.optim.b1=0",
+      "--config.optim.lr=1.0", "--config.optim.schedule=constant",
+      "--config.optim.warmup_steps=0", "--config.optim.clip_norm=0",
+      "--config.optim.weight_decay=0", f"--config.model.attention={attention}",
+      "--config.train.batch_size=4", "--config.train.seq_len=128",
+      "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tensor=2"])
+  cfg.model.hf_config = json.dumps(dict(json.loads(cfg.model.hf_config),
+                                        num_hidden_layers=1))
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:4])
+  model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
+  state, shardings = step_lib.init_train_state(cfg, model_cfg, variables,
+                                               mesh)
+  batch = sharding.global_batch(bench.synthetic_batch(
+      4, 128, model_cfg.vocab_size, 0), mesh)
+  train_step = step_lib.jit_train_step(
+      cfg, model_cfg, mesh, shardings,
+      compiler_options={"xla_backend_optimization_level": 0})
+  text = train_step.lower(state, batch).as_text()
+  if not run:
+    return text, None
+  state, metrics = train_step(state, batch)
+  return text, jax.tree.map(np.asarray, (metrics, state.trainable))
+
+
+def _shard_mapped(text: str) -> bool:
+  # shard_map lowers to a manual computation (Shardy) or to GSPMD's
+  # full-to-shard custom calls.
+  return "sdy.manual_computation" in text or "SPMDFullToShardShape" in text
+
+
+def test_train_step_runs_splash_per_shard_with_the_numbers_of_xla(
+    monkeypatch):
+  text, (metrics, params) = _splash_step_on_a_mesh("splash")
+  # Queries enter the kernel split over batch ("data") and heads ("tensor").
+  assert _shard_mapped(text)
+  assert '[{"data", "fsdp"}, {"tensor"}, {}, {}]' in text or (
+      "SPMDFullToShardShape" in text)
+  _, (ref_metrics, ref_params) = _splash_step_on_a_mesh("xla")
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=2e-5)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=0,
+                                 atol=1e-5), params, ref_params)
+  # Traced without the mesh, splash would run vmapped, not per shard.
+  monkeypatch.setattr(step_lib, "traced_mesh",
+                      lambda mesh: contextlib.nullcontext())
+  text, _ = _splash_step_on_a_mesh("splash", run=False)
+  assert not _shard_mapped(text)
 
 
 @pytest.mark.parametrize("kind", ["causal", "softcap_sliding"])

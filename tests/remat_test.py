@@ -12,7 +12,7 @@ import pytest
 from sft_jax import models
 from sft_jax.models import remat as remat_lib
 
-# Gemma-2-like: two attention patterns (switch), soft-caps, post norms.
+# Gemma-2-like: two attention patterns (two scans), soft-caps, post norms.
 _CFG = models.ModelConfig(
     model_type="gemma2", vocab_size=64, hidden_size=32, intermediate_size=96,
     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,

@@ -15,11 +15,10 @@ Params (a plain nested dict; layers stacked on a leading L axis):
 Kernels are [in, out]. LoRA lives in the "lora" collection at the same
 module paths: a [L, in, R], b [L, R, out].
 
-Per-layer differences (rotary frequencies, the attention pattern) are
-scanned inputs, so the layer stack stays homogeneous under nn.scan. Each
-distinct sliding window of the config is a static Python int: a layer picks
-its pattern with lax.switch, so kernels that need a static window (splash
-LocalMask, cuDNN) and block skipping see one, with the same params tree.
+Rotary frequencies and the layer index are scanned inputs. The attention
+pattern is static: the stack is scanned in groups of one period of patterns
+(layer_scan.py), so each layer compiles only its own window as a Python int
+(for splash LocalMask, cuDNN, block skipping), with the same params tree.
 
 Attention runs in train mode (causality by index within segments) without a
 cache and in cache mode (by position) with one. The KV cache is carried
@@ -36,6 +35,7 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from sft_jax.models import attention as attention_lib
+from sft_jax.models import layer_scan
 from sft_jax.models import quant as quant_lib
 from sft_jax.models import remat as remat_lib
 from sft_jax.models.config import ModelConfig
@@ -82,10 +82,11 @@ class _Dense(nn.Module):
       bias = self.param("bias", nn.initializers.zeros, (self.features,),
                         pdtype)
       y_BxTxO = y_BxTxO + bias.astype(dtype)[None, None, :]
-    if lora_targeted(cfg, "/".join(self.scope.path)):
+    path = layer_scan.logical_path(self.scope.path)
+    if lora_targeted(cfg, path):
       if not (self.is_initializing() or self.has_variable("lora", "a")):
         raise ValueError(
-            f"cfg.lora targets {'/'.join(self.scope.path)} but no 'lora' "
+            f"cfg.lora targets {path} but no 'lora' "
             "variables were passed to apply (pass {'params': p, 'lora': l}, "
             "or set cfg.lora=None for merged or base params)")
       rank = cfg.lora.rank
@@ -141,6 +142,7 @@ def _rope(x_BxTxHxK, positions_BxT, inv_freq_K2):
 
 class _Attention(nn.Module):
   cfg: ModelConfig
+  window: int = 0  # static sliding window; 0 = unlimited
 
   @nn.compact
   def __call__(self, x_BxTxD, layer, positions_BxT, segment_ids_BxT,
@@ -177,22 +179,12 @@ class _Attention(nn.Module):
       new_cache, mode = (k_cache, v_cache), "cache"
       k_all = jax.lax.dynamic_index_in_dim(k_cache, layer["index"], 0, False)
       v_all = jax.lax.dynamic_index_in_dim(v_cache, layer["index"], 0, False)
-    windows = cfg.attention_windows()
-
-    def attend(window, *args):
-      return attention_lib.attention(
-          *args, window=window or None, softcap=cfg.attn_softcap,
-          scale=cfg.scale, impl=cfg.attention_impl, mode=mode)
-
-    args = (q_BxTxHxK, k_all.astype(q_BxTxHxK.dtype),
-            v_all.astype(q_BxTxHxK.dtype), positions_BxT, segment_ids_BxT,
-            kv_positions_BxS, kv_segment_ids_BxS)
-    if len(windows) == 1:
-      out_BxTxHxK = attend(windows[0], *args)
-    else:
-      out_BxTxHxK = jax.lax.switch(
-          layer["pattern"], [functools.partial(attend, w) for w in windows],
-          *args)
+    out_BxTxHxK = attention_lib.attention(
+        q_BxTxHxK, k_all.astype(q_BxTxHxK.dtype),
+        v_all.astype(q_BxTxHxK.dtype), positions_BxT, segment_ids_BxT,
+        kv_positions_BxS, kv_segment_ids_BxS, window=self.window or None,
+        softcap=cfg.attn_softcap, scale=cfg.scale, impl=cfg.attention_impl,
+        mode=mode)
     out_BxTxHxK = checkpoint_name(constrain(out_BxTxHxK, _BTHK), "context")
     out = _Dense(cfg, cfg.hidden_size, cfg.o_bias, name="o_proj")(
         out_BxTxHxK.reshape(b, t, h * k))
@@ -224,6 +216,7 @@ class _Mlp(nn.Module):
 class _Block(nn.Module):
   """One decoder layer; the residual stream stays in the compute dtype."""
   cfg: ModelConfig
+  window: int = 0  # static sliding window of this layer; 0 = unlimited
 
   @nn.compact
   def __call__(self, carry, layer, positions_BxT, segment_ids_BxT,
@@ -232,7 +225,7 @@ class _Block(nn.Module):
     x_BxTxD, kv_cache = carry
     x_BxTxD = checkpoint_name(constrain(x_BxTxD, _BTD), remat_lib.LAYER_INPUT)
     h = _RMSNorm(cfg, name="input_norm")(x_BxTxD)
-    h, new_cache = _Attention(cfg, name="attn")(
+    h, new_cache = _Attention(cfg, self.window, name="attn")(
         h, layer, positions_BxT, segment_ids_BxT, kv_positions_BxS,
         kv_segment_ids_BxS, cache_index, kv_cache)
     if cfg.post_norms:
@@ -344,8 +337,7 @@ class Transformer(nn.Module):
 
     embedder = _Embed(cfg, name="embedder")
     x_BxTxD = constrain(embedder(tokens_BxT), _BTD)
-    layer_inputs = {"pattern": jnp.asarray(cfg.layer_patterns()),
-                    "index": jnp.arange(cfg.num_layers, dtype=jnp.int32),
+    layer_inputs = {"index": jnp.arange(cfg.num_layers, dtype=jnp.int32),
                     "inv_freq": jnp.asarray(cfg.layer_inv_freq())}
     block = _Block
     if cfg.remat not in remat_lib.POLICIES:
@@ -354,18 +346,16 @@ class Transformer(nn.Module):
       block = nn.remat(block, prevent_cse=False,
                        policy=remat_lib.policy(cfg.remat))
 
+    windows = cfg.layer_windows()
+
     def scan(carry, name, lo, hi):
-      stack = nn.scan(
-          block, variable_axes={"params": 0, "lora": 0},
-          split_rngs={"params": True, "dropout": True},
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
-                   nn.broadcast),
-          length=hi - lo, unroll=1 if cfg.scan_layers else hi - lo)
-      carry, _ = stack(cfg, name=name)(
-          carry, jax.tree.map(lambda a: a[lo:hi], layer_inputs),
-          positions_BxT, segment_ids_BxT, kv_positions_BxS,
-          kv_segment_ids_BxS, cache_index)
-      return carry
+      # Scanned in groups of one attention pattern (layer_scan.py).
+      stack = layer_scan.layer_stack(
+          block, cfg, windows[lo:hi], unroll=not cfg.scan_layers, name=name,
+          init=self.is_initializing())
+      return stack(carry, jax.tree.map(lambda a: a[lo:hi], layer_inputs),
+                   positions_BxT, segment_ids_BxT, kv_positions_BxS,
+                   kv_segment_ids_BxS, cache_index)
 
     lo = cfg.frozen_layers
     if lo:  # Training only (see ModelConfig.frozen_layers).

@@ -15,6 +15,7 @@ by the number of supervised tokens in the whole global batch, so gradient
 accumulation and the mesh shape change nothing but rounding.
 """
 
+import contextlib
 import dataclasses
 from typing import Any, Callable
 
@@ -316,6 +317,18 @@ def _micro_batches(batch: Batch, k: int, mesh) -> Batch:
   return jax.tree.map(fn, batch)
 
 
+def traced_mesh(mesh: jax.sharding.Mesh | None):
+  """A context setting `mesh` (abstractly) while the step is traced.
+
+  Backends that partition themselves read it: splash attention runs under
+  shard_map over batch and heads. jax.set_mesh cannot be entered inside jit;
+  use_abstract_mesh can, and it composes with the jit's explicit shardings.
+  """
+  if mesh is None:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
 def make_train_step(cfg: config_dict.ConfigDict,
                     model_cfg: "models.ModelConfig",
                     mesh: jax.sharding.Mesh | None = None
@@ -362,7 +375,7 @@ def make_train_step(cfg: config_dict.ConfigDict,
   def micro_loss(trainable, frozen, mb, denom, rng):
     variables = partition.merge(trainable, frozen)
     # Traced here, so the model's activation constraints see the mesh.
-    with models.activation_sharding(mesh, rules):
+    with models.activation_sharding(mesh, rules), traced_mesh(mesh):
       return _train_loss(training_model_config(frozen, model_cfg), variables,
                          mb, denom, chunk, num_sources, z_loss, cfg, objective,
                          {"dropout": rng} if dropout else None)
@@ -444,7 +457,7 @@ def make_eval_step(cfg: config_dict.ConfigDict,
            else None)
 
   def eval_step(state: TrainState, batch: Batch) -> dict:
-    with models.activation_sharding(mesh, rules):
+    with models.activation_sharding(mesh, rules), traced_mesh(mesh):
       sums = _eval_sums(training_model_config(state, model_cfg),
                         partition.merge(state.trainable, state.frozen), batch,
                         chunk, num_sources)

@@ -1,0 +1,186 @@
+"""The layer stack scanned in groups of one attention pattern.
+
+Layers differ in their sliding window (Gemma-2 alternates sliding and global
+layers, Gemma-3 has five local layers to one global, Qwen's max_window_layers
+splits the stack in two). A kernel such as splash's LocalMask or cuDNN needs
+the window as a static Python int, and a layer should compile only its own
+pattern, so the stack is cut into pieces of one static period:
+
+  piece = (windows of one period P, groups k): layers [s, s + k*P) with
+          layer s + g*P + p having window windows[p]
+
+Each piece is a scan over its k groups; the body runs the P layers of one
+group unrolled, each with its static window. A uniform stack is one piece
+with P = 1; Gemma-2 one piece with P = 2; Gemma-3 (26 layers) P = 6, k = 4
+and the 2 layers left over as a second piece; Qwen's prefix/suffix split two
+pieces with P = 1 (`scan_plan`).
+
+The params tree is unchanged: every leaf stays stacked [L, ...] under the
+stack's scope ("layers" or "frozen_layers"). nn.map_variables gives the
+pieces a view of it: a piece sees x[s:s + k*P] reshaped to [k, P, ...] (a
+bitcast when the piece is the whole stack), the scan hands each group its
+[P, ...] slice, and layer p of the group reads [p] of that. The view's
+scopes ("_scan<i>", "_layer<p>") never reach the params tree; `logical_path`
+drops them from module paths (LoRA targets match "layers/attn/q_proj").
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+
+_SCAN, _LAYER = "_scan", "_layer"
+Plan = tuple[tuple[tuple[int, ...], int], ...]
+
+
+def logical_path(path: Sequence[str]) -> str:
+  """"/"-joined module path without the stack's view scopes."""
+  return "/".join(p for p in path
+                  if not (p.startswith(_SCAN) or p.startswith(_LAYER)))
+
+
+def _runs(windows: Sequence[int]) -> list[tuple[tuple[int, ...], int]]:
+  out = []
+  for w in windows:
+    if out and out[-1][0] == (w,):
+      out[-1] = ((w,), out[-1][1] + 1)
+    else:
+      out.append(((int(w),), 1))
+  return out
+
+
+def scan_plan(windows: Sequence[int]) -> Plan:
+  """Pieces ((window per period position), groups) covering `windows` in order.
+
+  Chooses the cover with the fewest layer bodies to compile (sum of the
+  periods), then the fewest loops: runs of one window each, or a period P
+  that repeats at least twice from the first layer followed by runs for the
+  remainder.
+  """
+  windows = [int(w) for w in windows]
+  n = len(windows)
+
+  def cost(plan):  # layer bodies to compile, then loops
+    return sum(len(period) for period, _ in plan), len(plan)
+
+  best = _runs(windows)
+  for period in range(2, n // 2 + 1):
+    k = n // period
+    if any(windows[i] != windows[i % period] for i in range(k * period)):
+      continue
+    cand = [(tuple(windows[:period]), k)] + _runs(windows[k * period:])
+    if cost(cand) < cost(best):
+      best = cand
+  return tuple(best)
+
+
+def _rows(x, start, size):
+  """x[start:start + size]; x itself when that is all of it (no copy)."""
+  return x if (start, size) == (0, x.shape[0]) else x[start:start + size]
+
+
+def _to_view(plan: Plan, stacked: dict) -> dict:
+  """{collection: [n, ...] tree} -> {collection: {_scan<i>: [k, P, ...]}}."""
+  out = {}
+  for col, tree in stacked.items():
+    view, start = {}, 0
+    for i, (period, groups) in enumerate(plan):
+      size, p = groups * len(period), len(period)
+      view[f"{_SCAN}{i}"] = jax.tree.map(
+          lambda x, s=start, size=size, p=p: _rows(x, s, size).reshape(
+              (size // p, p) + x.shape[1:]), tree)
+      start += size
+    out[col] = view
+  return out
+
+
+def _from_view(plan: Plan, view: dict) -> dict:
+  """Inverse of _to_view (init: the created variables back to [n, ...])."""
+  out = {}
+  for col, pieces in view.items():
+    if not pieces:
+      out[col] = pieces
+      continue
+    parts = [pieces[f"{_SCAN}{i}"] for i in range(len(plan))]
+    out[col] = jax.tree.map(
+        lambda *xs: jax.numpy.concatenate(
+            [x.reshape((-1,) + x.shape[2:]) for x in xs]), *parts)
+  return out
+
+
+def _group_view(period: int, group: dict) -> dict:
+  """{collection: [P, ...] tree} -> {collection: {_layer<p>: [...]}}."""
+  return {col: {f"{_LAYER}{p}": jax.tree.map(lambda x, p=p: x[p], tree)
+                for p in range(period)}
+          for col, tree in group.items()}
+
+
+def _group_unview(period: int, view: dict) -> dict:
+  return {col: jax.tree.map(lambda *xs: jax.numpy.stack(xs),
+                            *[layers[f"{_LAYER}{p}"] for p in range(period)])
+          for col, layers in view.items()}
+
+
+_COLLECTIONS = ("params", "lora")
+
+
+class _GroupBody(nn.Module):
+  """The P layers of one group, unrolled, each with its static window."""
+  block: Any  # module class: block(cfg, window, name=...)
+  cfg: Any
+  windows: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, carry, layer_P, *broadcast):
+    for p, window in enumerate(self.windows):
+      layer = jax.tree.map(lambda a, p=p: a[p], layer_P)
+      carry, _ = self.block(self.cfg, window, name=f"{_LAYER}{p}")(
+          carry, layer, *broadcast)
+    return carry, None
+
+
+class _StackBody(nn.Module):
+  """Every piece of the plan, in order, over its view of the stack."""
+  block: Any
+  cfg: Any
+  plan: Plan
+  unroll: bool
+
+  @nn.compact
+  def __call__(self, carry, layer_inputs, *broadcast):
+    start = 0
+    for i, (windows, groups) in enumerate(self.plan):
+      p = len(windows)
+      inputs = jax.tree.map(
+          lambda a, s=start, n=groups * p, p=p: a[s:s + n].reshape(
+              (n // p, p) + a.shape[1:]), layer_inputs)
+      group = nn.map_variables(
+          _GroupBody, _COLLECTIONS,
+          trans_in_fn=lambda v, p=p: _group_view(p, v),
+          trans_out_fn=lambda v, p=p: _group_unview(p, v),
+          init=self.is_initializing())
+      scan = nn.scan(
+          group, variable_axes={c: 0 for c in _COLLECTIONS},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(0,) + (nn.broadcast,) * len(broadcast),
+          length=groups, unroll=groups if self.unroll else 1)
+      carry, _ = scan(self.block, self.cfg, windows, name=f"{_SCAN}{i}")(
+          carry, inputs, *broadcast)
+      start += groups * p
+    return carry
+
+
+def layer_stack(block, cfg, windows: Sequence[int], *, unroll: bool,
+                name: str, init: bool):
+  """The stack module over [len(windows), ...] params under scope `name`.
+
+  Call it as stack(carry, layer_inputs, *broadcast): `block` is called as
+  block(cfg, window, name=...)(carry, layer, *broadcast) -> (carry, None),
+  layer_inputs are [n, ...] per-layer arrays (layer gets one row).
+  """
+  plan = scan_plan(windows)
+  mapped = nn.map_variables(
+      _StackBody, _COLLECTIONS,
+      trans_in_fn=lambda v: _to_view(plan, v),
+      trans_out_fn=lambda v: _from_view(plan, v), init=init)
+  return mapped(block, cfg, plan, unroll, name=name)
