@@ -35,6 +35,7 @@ from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from sft_jax.models import attention as attention_lib
+from sft_jax.models import dense
 from sft_jax.models import layer_scan
 from sft_jax.models import quant as quant_lib
 from sft_jax.models import remat as remat_lib
@@ -77,7 +78,7 @@ class _Dense(nn.Module):
                             pdtype)
     if quant_lib.is_quantized(kernel_IxO):
       kernel_IxO = quant_lib.dequantize(kernel_IxO, dtype)
-    y_BxTxO = jnp.einsum("bti,io->bto", x_BxTxI, kernel_IxO.astype(dtype))
+    y_BxTxO = dense.matmul(x_BxTxI, kernel_IxO.astype(dtype))
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,),
                         pdtype)
@@ -274,9 +275,8 @@ REMAT_POLICIES = remat_lib.POLICIES
 
 def logits_from_hidden(hidden_BxTxD, w_DxV, cfg: ModelConfig):
   """float32 logits [B, T, V] from final hidden states, soft-capped if set."""
-  logits_BxTxV = jnp.einsum("btd,dv->btv", hidden_BxTxD,
-                            w_DxV.astype(hidden_BxTxD.dtype),
-                            preferred_element_type=jnp.float32)
+  logits_BxTxV = dense.matmul(hidden_BxTxD, w_DxV.astype(hidden_BxTxD.dtype),
+                              jnp.float32)
   if cfg.final_softcap:
     logits_BxTxV = jnp.tanh(logits_BxTxV / cfg.final_softcap) * (
         cfg.final_softcap)

@@ -113,21 +113,31 @@ def _weighted_ce_scan(hidden_BxTxD, w_DxV, targets_BxT, nll_weight_BxT,
       logits_BxCxV, vjp = jax.vjp(f, h_BxCxD, w_DxV)
     else:
       logits_BxCxV = f(h_BxCxD, w_DxV)
-    log_z_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
-    onehot_BxCxV = jax.nn.one_hot(t_BxC, logits_BxCxV.shape[-1],
-                                  dtype=jnp.float32)
-    target_logit_BxC = jnp.sum(logits_BxCxV * onehot_BxCxV, axis=-1)
+    # Few passes over the [B, C, V] logits, none materialising a one-hot
+    # (on CPU each pass costs about as much as a quarter of the matmul):
+    # max, then sum(exp) and the first index holding the max (= argmax,
+    # without its slow variadic reduce), the target logit by a gather.
+    v_BxCxV = jax.lax.broadcasted_iota(jnp.int32, logits_BxCxV.shape, 2)
+    max_BxC = jax.lax.stop_gradient(jnp.max(logits_BxCxV, axis=-1))
+    max_BxC = jnp.where(jnp.isfinite(max_BxC), max_BxC, 0.0)
+    exp_BxCxV = jnp.exp(logits_BxCxV - max_BxC[..., None])
+    sum_BxC = jnp.sum(exp_BxCxV, axis=-1)
+    log_z_BxC = jnp.log(sum_BxC) + max_BxC
+    first_max_BxC = jnp.min(
+        jnp.where(logits_BxCxV == max_BxC[..., None], v_BxCxV,
+                  logits_BxCxV.shape[-1]), axis=-1)
+    target_logit_BxC = jnp.take_along_axis(
+        logits_BxCxV, t_BxC[..., None], axis=-1)[..., 0]
     nll_BxC = log_z_BxC - target_logit_BxC
     loss = jnp.sum(nll_BxC * nw_BxC + jnp.square(log_z_BxC) * zw_BxC)
-    correct_BxC = (jnp.argmax(logits_BxCxV, axis=-1) == t_BxC).astype(
-        jnp.float32)
+    correct_BxC = (first_max_BxC == t_BxC).astype(jnp.float32)
     out = (loss, nll_BxC, log_z_BxC, correct_BxC)
     if not with_grads:
       return dw_DxV, out
     # d loss / d logits = (w_nll + 2 w_z log Z) softmax - w_nll onehot.
-    probs_BxCxV = jnp.exp(logits_BxCxV - log_z_BxC[..., None])
-    dlogits_BxCxV = ((nw_BxC + 2 * zw_BxC * log_z_BxC)[..., None] * probs_BxCxV
-                     - nw_BxC[..., None] * onehot_BxCxV)
+    coef_BxC = (nw_BxC + 2 * zw_BxC * log_z_BxC) / sum_BxC
+    dlogits_BxCxV = (coef_BxC[..., None] * exp_BxCxV - jnp.where(
+        v_BxCxV == t_BxC[..., None], nw_BxC[..., None], 0.0))
     dh_BxCxD, dw = vjp(dlogits_BxCxV)
     return dw_DxV + dw.astype(jnp.float32), out + (dh_BxCxD,)
 
