@@ -15,6 +15,7 @@ cache is byte-identical to one process's.
 """
 
 import collections
+import logging
 import os
 
 # A worker starts in ~2-4 CPU seconds; at ~600 chat records/s per core
@@ -76,24 +77,50 @@ def ordered_map(fn, chunks, *, workers: int, inline_first: int, init,
     return
   from concurrent import futures  # pylint: disable=g-import-not-at-top
   # An executor, not a multiprocessing.Pool: a worker that dies (killed, out
-  # of memory) or fails to start raises BrokenProcessPool here instead of
-  # leaving its chunk unanswered forever.
+  # of memory) or cannot start (a script without a __main__ guard) breaks
+  # the pool instead of leaving its chunk unanswered forever; the chunks it
+  # held, and all after them, are then encoded here.
   pool = futures.ProcessPoolExecutor(workers, mp_context=_context(preload),
                                      initializer=init, initargs=initargs)
+  broken = []
+
+  def fall_back(e, items):
+    if not broken:
+      broken.append(e)
+      logging.getLogger("sft_jax").warning(
+          "tokenizer worker processes failed (%s); tokenizing in this "
+          "process instead", e)
+    return here(items)
+
+  def submit(items):
+    try:
+      return pool.submit(fn, items)
+    except futures.process.BrokenProcessPool as e:
+      return fall_back(e, items)
+
+  def result(entry):
+    items, p = entry
+    if isinstance(p, list):
+      return p
+    try:
+      return p.result()
+    except futures.process.BrokenProcessPool as e:
+      return fall_back(e, items)
+
   try:
-    pending = collections.deque()  # Future, or a list encoded here
+    pending = collections.deque()  # (chunk, Future or its result here)
     for items in _prepend(first, chunks):
-      queued = sum(1 for p in pending
+      queued = sum(1 for _, p in pending
                    if not isinstance(p, list) and not p.done())
-      if queued < workers * _QUEUED_PER_WORKER:
-        pending.append(pool.submit(fn, items))
+      if not broken and queued < workers * _QUEUED_PER_WORKER:
+        pending.append((items, submit(items)))
       else:
-        pending.append(here(items))
-      while pending and (isinstance(pending[0], list) or pending[0].done()
-                         or len(pending) > _MAX_PENDING):
-        yield _result(pending.popleft())
+        pending.append((items, here(items)))
+      while pending and (isinstance(pending[0][1], list) or
+                         pending[0][1].done() or len(pending) > _MAX_PENDING):
+        yield result(pending.popleft())
     while pending:
-      yield _result(pending.popleft())
+      yield result(pending.popleft())
   finally:
     # Also on an early stop (a strict-mode error): never wait for the rest.
     pool.shutdown(wait=False, cancel_futures=True)
@@ -116,10 +143,6 @@ def _context(preload):
 def _prepend(first, rest):
   yield first
   yield from rest
-
-
-def _result(p):
-  return p if isinstance(p, list) else p.result()
 
 
 def quiet_tokenizer_threads() -> None:
