@@ -5,8 +5,9 @@ GIL, about three quarters of the time per record; the fast tokenizer's own
 batch call is already parallel in Rust. So the parallelism that pays is one
 of processes, each rendering and tokenizing whole chunks of records.
 
-A spawned worker costs seconds to start (it imports transformers and
-unpickles the tokenizer). Three things keep that from making a source slower:
+Workers cost seconds to start (importing transformers and JAX once, in the
+fork server, then unpickling the tokenizer in each). Three things keep that
+from making a source slower:
 a source too small to repay it gets no pool (`auto_workers`); chunks are
 large, so pickling is a small share of a chunk's work; and the parent keeps
 encoding chunks itself while the workers start and whenever all of them are
@@ -18,9 +19,9 @@ import collections
 import logging
 import os
 
-# A worker starts in ~2-4 CPU seconds; at ~600 chat records/s per core
-# (~300 KB/s of JSONL), 4 MB of records per worker is ~13 s of work, several
-# times its start-up.
+# The fork server starts in ~2.5 CPU seconds, each worker in well under one;
+# at ~2,000 chat records (~1 MB of JSONL) per CPU second, 4 MB per worker is
+# several times that.
 _BYTES_PER_WORKER = 4 << 20
 _MAX_WORKERS = 64
 _QUEUED_PER_WORKER = 4  # chunks waiting per worker before the parent helps
