@@ -135,10 +135,10 @@ def _load(path, devices, fsdp, tensor):
 
 
 def _cpu_seconds():
-  """(this process, its finished child processes) user + system seconds."""
+  """This process's user + system seconds (the workers are the fork
+  server's children, not counted)."""
   own = resource.getrusage(resource.RUSAGE_SELF)
-  kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-  return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
+  return own.ru_utime + own.ru_stime
 
 
 def _tokenize(records, workers_list, repeat):
@@ -170,7 +170,7 @@ def _tokenize(records, workers_list, repeat):
       start = time.perf_counter()
       p = data.prepare_source("train", src, cfg, tok, seq_len=512)
       seconds = time.perf_counter() - start
-      cpu = [round(b - a, 1) for a, b in zip(cpu, _cpu_seconds())]
+      cpu = round(_cpu_seconds() - cpu, 1)
       entry = p.tokenized.cache_path
       files = {f: open(os.path.join(entry, f), "rb").read()
                for f in sorted(os.listdir(entry))}
@@ -180,7 +180,7 @@ def _tokenize(records, workers_list, repeat):
           "records": records, "examples": int(len(p.keep)),
           "seconds": round(seconds, 2),
           "records_per_s": round(records / seconds, 1),
-          "cpu_s_parent": cpu[0], "cpu_s_workers": cpu[1],
+          "cpu_s_parent": cpu,
           "identical_to_first": files == reference}), flush=True)
 
 

@@ -360,3 +360,20 @@ def test_rows_select_from_one_global_stream_with_one_state(cfg, tok):
                                 next(full)["tokens"][[0]])
   with pytest.raises(data.DataError, match="not rows of a batch of 4"):
     data.make_train_pipeline(cfg, tok, seq_len=64, batch_size=4, rows=[4])
+
+
+def _twice(items):
+  return [2 * x for x in items]
+
+
+def _no_worker_starts():
+  raise RuntimeError("this worker cannot start")
+
+
+def test_broken_worker_pool_falls_back_to_this_process(caplog):
+  chunks = [[i, i + 1] for i in range(0, 20, 2)]
+  got = list(workers_lib.ordered_map(
+      _twice, chunks, workers=2, inline_first=1, init=_no_worker_starts,
+      initargs=(), here=_twice))
+  assert got == [_twice(c) for c in chunks]
+  assert "tokenizer worker processes failed" in caplog.text

@@ -5,12 +5,13 @@ distributed.heartbeat_timeout_s). Each is one line and exit code 4."""
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+
+from multihost_test import _free_port  # pylint: disable=g-bad-import-order
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -40,9 +41,7 @@ os._exit(0)
 
 
 def test_barrier_times_out_with_a_clear_message():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  port = _free_port()
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
   procs = [subprocess.Popen(
@@ -69,7 +68,6 @@ def test_a_killed_process_stops_the_others_in_one_line(tmp_path):
   and exit code 4, instead of hanging in the step's collectives."""
   import tiny_tok  # pylint: disable=g-import-not-at-top
   from train_loop_test import _records, _write_jsonl  # pylint: disable=g-import-not-at-top
-  from multihost_test import _free_port  # pylint: disable=g-import-not-at-top
   tiny_tok.make_tokenizer(tmp_path / "tok")
   _write_jsonl(tmp_path / "train.jsonl", _records(64, seed=0))
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",

@@ -5,8 +5,9 @@ GIL, about three quarters of the time per record; the fast tokenizer's own
 batch call is already parallel in Rust. So the parallelism that pays is one
 of processes, each rendering and tokenizing whole chunks of records.
 
-A spawned worker costs seconds to start (it imports transformers and
-unpickles the tokenizer). Three things keep that from making a source slower:
+Workers cost seconds to start (importing transformers and JAX once, in the
+fork server, then unpickling the tokenizer in each). Three things keep that
+from making a source slower:
 a source too small to repay it gets no pool (`auto_workers`); chunks are
 large, so pickling is a small share of a chunk's work; and the parent keeps
 encoding chunks itself while the workers start and whenever all of them are
@@ -15,11 +16,12 @@ cache is byte-identical to one process's.
 """
 
 import collections
+import logging
 import os
 
-# A worker starts in ~2-4 CPU seconds; at ~600 chat records/s per core
-# (~300 KB/s of JSONL), 4 MB of records per worker is ~13 s of work, several
-# times its start-up.
+# The fork server starts in ~2.5 CPU seconds, each worker in well under one;
+# at ~2,000 chat records (~1 MB of JSONL) per CPU second, 4 MB per worker is
+# several times that.
 _BYTES_PER_WORKER = 4 << 20
 _MAX_WORKERS = 64
 _QUEUED_PER_WORKER = 4  # chunks waiting per worker before the parent helps
@@ -76,24 +78,50 @@ def ordered_map(fn, chunks, *, workers: int, inline_first: int, init,
     return
   from concurrent import futures  # pylint: disable=g-import-not-at-top
   # An executor, not a multiprocessing.Pool: a worker that dies (killed, out
-  # of memory) or fails to start raises BrokenProcessPool here instead of
-  # leaving its chunk unanswered forever.
+  # of memory) or cannot start (a script without a __main__ guard) breaks
+  # the pool instead of leaving its chunk unanswered forever; the chunks it
+  # held, and all after them, are then encoded here.
   pool = futures.ProcessPoolExecutor(workers, mp_context=_context(preload),
                                      initializer=init, initargs=initargs)
+  broken = []
+
+  def fall_back(e, items):
+    if not broken:
+      broken.append(e)
+      logging.getLogger("sft_jax").warning(
+          "tokenizer worker processes failed (%s); tokenizing in this "
+          "process instead", e)
+    return here(items)
+
+  def submit(items):
+    try:
+      return pool.submit(fn, items)
+    except futures.process.BrokenProcessPool as e:
+      return fall_back(e, items)
+
+  def result(entry):
+    items, p = entry
+    if isinstance(p, list):
+      return p
+    try:
+      return p.result()
+    except futures.process.BrokenProcessPool as e:
+      return fall_back(e, items)
+
   try:
-    pending = collections.deque()  # Future, or a list encoded here
+    pending = collections.deque()  # (chunk, Future or its result here)
     for items in _prepend(first, chunks):
-      queued = sum(1 for p in pending
+      queued = sum(1 for _, p in pending
                    if not isinstance(p, list) and not p.done())
-      if queued < workers * _QUEUED_PER_WORKER:
-        pending.append(pool.submit(fn, items))
+      if not broken and queued < workers * _QUEUED_PER_WORKER:
+        pending.append((items, submit(items)))
       else:
-        pending.append(here(items))
-      while pending and (isinstance(pending[0], list) or pending[0].done()
-                         or len(pending) > _MAX_PENDING):
-        yield _result(pending.popleft())
+        pending.append((items, here(items)))
+      while pending and (isinstance(pending[0][1], list) or
+                         pending[0][1].done() or len(pending) > _MAX_PENDING):
+        yield result(pending.popleft())
     while pending:
-      yield _result(pending.popleft())
+      yield result(pending.popleft())
   finally:
     # Also on an early stop (a strict-mode error): never wait for the rest.
     pool.shutdown(wait=False, cancel_futures=True)
@@ -116,10 +144,6 @@ def _context(preload):
 def _prepend(first, rest):
   yield first
   yield from rest
-
-
-def _result(p):
-  return p if isinstance(p, list) else p.result()
 
 
 def quiet_tokenizer_threads() -> None:
