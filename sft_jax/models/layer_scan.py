@@ -17,11 +17,14 @@ pieces with P = 1 (`scan_plan`).
 
 The params tree is unchanged: every leaf stays stacked [L, ...] under the
 stack's scope ("layers" or "frozen_layers"). nn.map_variables gives the
-pieces a view of it: a piece sees x[s:s + k*P] reshaped to [k, P, ...] (a
-bitcast when the piece is the whole stack), the scan hands each group its
-[P, ...] slice, and layer p of the group reads [p] of that. The view's
-scopes ("_scan<i>", "_layer<p>") never reach the params tree; `logical_path`
-drops them from module paths (LoRA targets match "layers/attn/q_proj").
+pieces a view of it: a run scans x[s:s + k] as it is; a periodic piece sees
+x[s:s + k*P] reshaped to [k, P, ...] (a bitcast), the scan hands each group
+its [P, ...] slice, and layer p reads [p] of it inside its remat, whose
+policy never saves that slice (see _group_policy). A piece that is not the
+whole stack is a slice: one copy of its layers' weights per step. The view's
+scopes ("_scan<i>", "_layer<p>") never reach the params tree;
+`logical_path` drops them from module paths (LoRA targets match
+"layers/attn/q_proj").
 """
 
 import functools
