@@ -12,11 +12,12 @@ import pytest
 from sft_jax import models
 from sft_jax.models import remat as remat_lib
 
-# Gemma-2-like: two attention patterns (two scans), soft-caps, post norms.
+# Gemma-2-like: two attention patterns (one scan over 2 groups of both),
+# soft-caps, post norms.
 _CFG = models.ModelConfig(
     model_type="gemma2", vocab_size=64, hidden_size=32, intermediate_size=96,
-    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-    layer_types=("sliding_attention", "full_attention"), sliding_window=5,
+    num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
+    layer_types=("sliding_attention", "full_attention") * 2, sliding_window=5,
     attn_softcap=20.0, final_softcap=30.0, post_norms=True,
     norm_plus_one=True, activation="gelu_tanh")
 _T = 24

@@ -4,8 +4,9 @@ jax.experimental.pallas.ops.tpu.splash_attention computes softmax(q k^T)
 v over [H, T, D] for one row, with a static mask (CausalMask, or LocalMask
 for a sliding window), `SegmentIds` for packing, the logit soft-cap and
 native GQA (H query heads over N kv heads). It does not scale q, so q is
-pre-scaled. Rows are vmapped; when a mesh is set (jax.set_mesh) the call
-runs under shard_map with the batch over "data"/"fsdp" and heads over
+pre-scaled. Rows are vmapped; when a mesh is set (jax.set_mesh, or the
+abstract mesh the train and eval steps are traced under) the call runs under
+shard_map with the batch over "data"/"fsdp" and heads over
 "tensor", so each device runs the kernel on its own rows and heads.
 
 Off TPU the kernel runs in Pallas interpret mode: slow, but the same

@@ -17,17 +17,24 @@ pieces with P = 1 (`scan_plan`).
 
 The params tree is unchanged: every leaf stays stacked [L, ...] under the
 stack's scope ("layers" or "frozen_layers"). nn.map_variables gives the
-pieces a view of it: a piece sees x[s:s + k*P] reshaped to [k, P, ...] (a
-bitcast when the piece is the whole stack), the scan hands each group its
-[P, ...] slice, and layer p of the group reads [p] of that. The view's
-scopes ("_scan<i>", "_layer<p>") never reach the params tree; `logical_path`
-drops them from module paths (LoRA targets match "layers/attn/q_proj").
+pieces a view of it: a run scans x[s:s + k] as it is; a periodic piece sees
+x[s:s + k*P] reshaped to [k, P, ...] (a bitcast), the scan hands each group
+its [P, ...] slice, and layer p reads [p] of it inside its remat, whose
+policy never saves that slice (see _group_policy). A piece that is not the
+whole stack is a slice: one copy of its layers' weights per step. The view's
+scopes ("_scan<i>", "_layer<p>") never reach the params tree;
+`logical_path` drops them from module paths (LoRA targets match
+"layers/attn/q_proj").
 """
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+
+from sft_jax.models import remat as remat_lib
 
 _SCAN, _LAYER = "_scan", "_layer"
 Plan = tuple[tuple[tuple[int, ...], int], ...]
@@ -80,16 +87,21 @@ def _rows(x, start, size):
 
 
 def _to_view(plan: Plan, stacked: dict) -> dict:
-  """{collection: [n, ...] tree} -> {collection: {_scan<i>: [k, P, ...]}}."""
+  """{collection: [n, ...] tree} -> {collection: {_scan<i>: piece}}.
+
+  A piece is [k, P, ...], or [k, ...] when P = 1 (a run: the stack's own
+  layout, as a plain scan over layers).
+  """
   out = {}
   for col, tree in stacked.items():
     view, start = {}, 0
     for i, (period, groups) in enumerate(plan):
-      size, p = groups * len(period), len(period)
+      p = len(period)
+      shape = (groups, p) if p > 1 else (groups,)
       view[f"{_SCAN}{i}"] = jax.tree.map(
-          lambda x, s=start, size=size, p=p: _rows(x, s, size).reshape(
-              (size // p, p) + x.shape[1:]), tree)
-      start += size
+          lambda x, s=start, n=groups * p, shape=shape: _rows(
+              x, s, n).reshape(shape + x.shape[1:]), tree)
+      start += groups * p
     out[col] = view
   return out
 
@@ -102,23 +114,53 @@ def _from_view(plan: Plan, view: dict) -> dict:
       out[col] = pieces
       continue
     parts = [pieces[f"{_SCAN}{i}"] for i in range(len(plan))]
+    flat = [len(period) > 1 for period, _ in plan]
     out[col] = jax.tree.map(
-        lambda *xs: jax.numpy.concatenate(
-            [x.reshape((-1,) + x.shape[2:]) for x in xs]), *parts)
+        lambda *xs: jnp.concatenate(
+            [x.reshape((-1,) + x.shape[2:]) if f else x
+             for x, f in zip(xs, flat)]), *parts)
   return out
 
 
-def _group_view(period: int, group: dict) -> dict:
-  """{collection: [P, ...] tree} -> {collection: {_layer<p>: [...]}}."""
-  return {col: {f"{_LAYER}{p}": jax.tree.map(lambda x, p=p: x[p], tree)
+# Layer p of a group reads [p] of the group's [P, ...] params inside its
+# remat (checkpoint), and the policy never saves a slice: the backward pass
+# re-slices the scanned input instead of the forward saving a stacked copy
+# of every layer's weights as residuals.
+_SLICES = (jax.lax.slice_p, jax.lax.squeeze_p)
+
+
+def _group_view(period: int, init: bool, group: dict) -> dict:
+  """{collection: [P, ...] tree} -> {collection: {_layer<p>: tree}}.
+
+  Each layer gets the whole group (it slices [p] itself, see above); at
+  init, its own slice [p].
+  """
+  return {col: {f"{_LAYER}{p}": jax.tree.map(
+      lambda x, p=p: x[p], tree) if init else tree
                 for p in range(period)}
           for col, tree in group.items()}
 
 
 def _group_unview(period: int, view: dict) -> dict:
-  return {col: jax.tree.map(lambda *xs: jax.numpy.stack(xs),
+  return {col: jax.tree.map(lambda *xs: jnp.stack(xs),
                             *[layers[f"{_LAYER}{p}"] for p in range(period)])
           for col, layers in view.items()}
+
+
+def _layer_of_group(p: int, variables: dict) -> dict:
+  return {col: jax.tree.map(lambda x: x[p], tree)
+          for col, tree in variables.items()}
+
+
+def _group_policy(remat: str):
+  """The remat policy of a layer in a group: `remat`, never its params.
+
+  The named and dot policies save no slice already; "none" (and
+  everything_saveable) become "everything but slices" (cheap to redo).
+  """
+  if remat in ("none", "everything_saveable"):
+    return lambda prim, *_, **__: prim not in _SLICES
+  return remat_lib.policy(remat)
 
 
 _COLLECTIONS = ("params", "lora")
@@ -132,9 +174,17 @@ class _GroupBody(nn.Module):
 
   @nn.compact
   def __call__(self, carry, layer_P, *broadcast):
+    init = self.is_initializing()
     for p, window in enumerate(self.windows):
       layer = jax.tree.map(lambda a, p=p: a[p], layer_P)
-      carry, _ = self.block(self.cfg, window, name=f"{_LAYER}{p}")(
+      block = self.block
+      if not init:  # (init creates the layer's own params, see _group_view)
+        block = nn.map_variables(
+            block, _COLLECTIONS,
+            trans_in_fn=functools.partial(_layer_of_group, p))
+      block = nn.remat(block, prevent_cse=False,
+                       policy=_group_policy(self.cfg.remat))
+      carry, _ = block(self.cfg, window, name=f"{_LAYER}{p}")(
           carry, layer, *broadcast)
     return carry, None
 
@@ -148,24 +198,30 @@ class _StackBody(nn.Module):
 
   @nn.compact
   def __call__(self, carry, layer_inputs, *broadcast):
-    start = 0
+    start, init = 0, self.is_initializing()
     for i, (windows, groups) in enumerate(self.plan):
       p = len(windows)
+      shape = (groups, p) if p > 1 else (groups,)
       inputs = jax.tree.map(
-          lambda a, s=start, n=groups * p, p=p: a[s:s + n].reshape(
-              (n // p, p) + a.shape[1:]), layer_inputs)
-      group = nn.map_variables(
-          _GroupBody, _COLLECTIONS,
-          trans_in_fn=lambda v, p=p: _group_view(p, v),
-          trans_out_fn=lambda v, p=p: _group_unview(p, v),
-          init=self.is_initializing())
+          lambda a, s=start, n=groups * p, shape=shape: a[s:s + n].reshape(
+              shape + a.shape[1:]), layer_inputs)
+      if p == 1:  # A run: layers scanned one by one, as a uniform stack.
+        body, args = self.block, (self.cfg, windows[0])
+        if self.cfg.remat != "none":
+          body = nn.remat(body, prevent_cse=False,
+                          policy=remat_lib.policy(self.cfg.remat))
+      else:
+        body = nn.map_variables(
+            _GroupBody, _COLLECTIONS,
+            trans_in_fn=functools.partial(_group_view, p, init),
+            trans_out_fn=functools.partial(_group_unview, p), init=init)
+        args = (self.block, self.cfg, windows)
       scan = nn.scan(
-          group, variable_axes={c: 0 for c in _COLLECTIONS},
+          body, variable_axes={c: 0 for c in _COLLECTIONS},
           split_rngs={"params": True, "dropout": True},
           in_axes=(0,) + (nn.broadcast,) * len(broadcast),
           length=groups, unroll=groups if self.unroll else 1)
-      carry, _ = scan(self.block, self.cfg, windows, name=f"{_SCAN}{i}")(
-          carry, inputs, *broadcast)
+      carry, _ = scan(*args, name=f"{_SCAN}{i}")(carry, inputs, *broadcast)
       start += groups * p
     return carry
 
@@ -174,9 +230,10 @@ def layer_stack(block, cfg, windows: Sequence[int], *, unroll: bool,
                 name: str, init: bool):
   """The stack module over [len(windows), ...] params under scope `name`.
 
-  Call it as stack(carry, layer_inputs, *broadcast): `block` is called as
-  block(cfg, window, name=...)(carry, layer, *broadcast) -> (carry, None),
-  layer_inputs are [n, ...] per-layer arrays (layer gets one row).
+  Call it as stack(carry, layer_inputs, *broadcast): `block` (a module class,
+  remat per cfg.remat here) is called as block(cfg, window, name=...)(carry,
+  layer, *broadcast) -> (carry, None); layer_inputs are [n, ...] per-layer
+  arrays (layer gets one row).
   """
   plan = scan_plan(windows)
   mapped = nn.map_variables(

@@ -24,6 +24,10 @@ Policies, from most memory (least recompute) to least:
                         (platforms with a "pinned_host" memory space)
 plus jax's generic ones (dots_saveable, dots_with_no_batch_dims_saveable,
 nothing_saveable, everything_saveable).
+
+A layer of a periodic group (layer_scan.py) is always checkpointed, because
+it slices its weights out of the group's inside the checkpoint; there "none"
+(and everything_saveable) save everything but those slices.
 """
 
 import jax

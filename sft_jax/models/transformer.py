@@ -339,19 +339,15 @@ class Transformer(nn.Module):
     x_BxTxD = constrain(embedder(tokens_BxT), _BTD)
     layer_inputs = {"index": jnp.arange(cfg.num_layers, dtype=jnp.int32),
                     "inv_freq": jnp.asarray(cfg.layer_inv_freq())}
-    block = _Block
     if cfg.remat not in remat_lib.POLICIES:
       remat_lib.policy(cfg.remat)  # raises the unknown-policy error
-    if cfg.remat != "none":
-      block = nn.remat(block, prevent_cse=False,
-                       policy=remat_lib.policy(cfg.remat))
 
     windows = cfg.layer_windows()
 
     def scan(carry, name, lo, hi):
       # Scanned in groups of one attention pattern (layer_scan.py).
       stack = layer_scan.layer_stack(
-          block, cfg, windows[lo:hi], unroll=not cfg.scan_layers, name=name,
+          _Block, cfg, windows[lo:hi], unroll=not cfg.scan_layers, name=name,
           init=self.is_initializing())
       return stack(carry, jax.tree.map(lambda a: a[lo:hi], layer_inputs),
                    positions_BxT, segment_ids_BxT, kv_positions_BxS,
