@@ -2,7 +2,7 @@
 """Train-step speed side by side: transformers + PyTorch vs sft_jax on CPU.
 
   python scripts/compare_torch.py               # 7M Llama, 8 x 512, fp32
-  python scripts/compare_torch.py --threads 1   # one core each, least noise
+  python scripts/compare_torch.py --threads 0   # every core, each framework
   python scripts/compare_torch.py --attention xla --steps 20
 
 The same Llama shape and the same packed batches (bench.synthetic_batch:
@@ -12,7 +12,8 @@ several segments per row, padding, ~60% of tokens supervised) train with:
            cross-entropy over supervised tokens only;
   sft_jax: the real train step (`sft-jax bench`'s), AdamW, masked CE.
 Both in float32, in this one process, on the same --threads CPU threads
-(the process is pinned to that many cores before either framework starts:
+(default one; the process is pinned to that many cores before either
+framework starts:
 XLA sizes its thread pool from the cores it may run on, torch gets
 set_num_threads).
 
@@ -140,19 +141,21 @@ def main():
   p.add_argument("--steps", type=int, default=10,
                  help="timed steps of each framework, interleaved")
   p.add_argument("--warmup", type=int, default=2)
-  p.add_argument("--threads", type=int, default=0,
+  p.add_argument("--threads", type=int, default=1,
                  help="CPU threads for each framework (0 = every core this "
-                      "process may use)")
+                      "process may use). One by default: on a shared "
+                      "machine a busy core makes multi-threaded steps wait "
+                      "on their slowest thread (torch's OpenMP most)")
   p.add_argument("--lr", type=float, default=1e-4)
   p.add_argument("--attention", default="auto")
   p.add_argument("--remat", default="none")
   p.add_argument("--ce-chunk", type=int, default=512)
   args = p.parse_args()
   cores = sorted(os.sched_getaffinity(0))
+  if args.threads < 0 or args.threads > len(cores):
+    p.error(f"--threads {args.threads}: this process may use "
+            f"{len(cores)} cores (0 = all of them)")
   if args.threads:
-    if args.threads > len(cores):
-      p.error(f"--threads {args.threads}: this process may use only "
-              f"{len(cores)} cores")
     # Before jax or torch start: both size their thread pools from this.
     os.sched_setaffinity(0, cores[:args.threads])
   from sft_jax.train import bench  # pylint: disable=g-import-not-at-top
