@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Train-step speed side by side: transformers + PyTorch vs sft_jax.
+"""Train-step speed side by side: transformers + PyTorch vs sft_jax on CPU.
 
-  python scripts/compare_torch.py                 # 7M Llama, 8 x 512, fp32
-  python scripts/compare_torch.py --attention xla --steps 10
+  python scripts/compare_torch.py               # 7M Llama, 8 x 512, fp32
+  python scripts/compare_torch.py --threads 0   # every core, each framework
+  python scripts/compare_torch.py --attention xla --steps 20
 
 The same Llama shape and the same packed batches (bench.synthetic_batch:
 several segments per row, padding, ~60% of tokens supervised) train with:
@@ -10,10 +11,22 @@ several segments per row, padding, ~60% of tokens supervised) train with:
            causal 4D mask (so segments stay apart, as in sft_jax), AdamW,
            cross-entropy over supervised tokens only;
   sft_jax: the real train step (`sft-jax bench`'s), AdamW, masked CE.
-Both in float32 on this machine's CPU threads. Prints tokens/s of each and
-the ratio sft_jax / torch: medians of --steps steps after warmup, the two
-frameworks' steps interleaved so that a shared machine's load hits both
-alike (the per-step ratios are printed too).
+Both in float32, in this one process, on the same --threads CPU threads
+(default one; the process is pinned to that many cores before either
+framework starts:
+XLA sizes its thread pool from the cores it may run on, torch gets
+set_num_threads).
+
+What is measured: after --warmup steps each, --steps pairs of steps, the two
+frameworks' steps interleaved (one sft_jax step, one torch step, ...) so a
+shared machine's load hits both alike. Every step is timed twice: wall clock
+and this process's CPU time (user + system, all threads). On a busy machine
+wall time includes waiting for a core and swings with the other jobs; CPU
+time counts only the work done, so its ratio is the steadier figure (it
+still includes cache and memory-bandwidth contention). Printed: medians of
+each, the ratios sft_jax / torch of the medians (> 1 = sft_jax faster), the
+spread of the per-pair ratios (min, quartiles, max) and the load average at
+start and end. Tokens/s = batch x seq_len / median step time.
 """
 
 import argparse
@@ -21,11 +34,6 @@ import json
 import os
 import statistics
 import time
-
-import numpy as np
-
-from sft_jax.train import bench
-from sft_jax.train import config as config_lib
 
 LLAMA_7M = dict(model_type="llama", vocab_size=8000, hidden_size=256,
                 intermediate_size=688, num_hidden_layers=4,
@@ -39,7 +47,7 @@ def torch_step_fn(batch, lr: float):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  torch.set_num_threads(os.cpu_count())
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
   hf = dict(LLAMA_7M)
   hf.pop("model_type")
   config = transformers.LlamaConfig(**hf, attn_implementation="sdpa")
@@ -69,13 +77,15 @@ def torch_step_fn(batch, lr: float):
     loss = (nll * weights.reshape(-1)).sum() / weights.sum()
     loss.backward()
     opt.step()
-    return float(loss)
+    return loss.item()
   return step
 
 
 def jax_step_fn(args):
   """(a closure running one sft_jax train step, the attention summary)."""
   import jax  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import bench  # pylint: disable=g-import-not-at-top
+  from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
   from sft_jax.train import model_setup  # pylint: disable=g-import-not-at-top
   from sft_jax.train import sharding  # pylint: disable=g-import-not-at-top
   from sft_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -89,7 +99,8 @@ def jax_step_fn(args):
       "--config.optim.weight_decay=0.0",
       f"--config.train.batch_size={args.batch}",
       f"--config.train.seq_len={args.seq_len}",
-      "--config.train.grad_accum=1", "--config.train.ce_chunk=512",
+      "--config.train.grad_accum=1",
+      f"--config.train.ce_chunk={args.ce_chunk}",
       "--config.mesh.fsdp=1", "--config.mesh.data=1"])
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   model_cfg, variables = model_setup.load_or_init_model(cfg, mesh)
@@ -109,44 +120,80 @@ def jax_step_fn(args):
   return step, summary(model_cfg) if summary else model_cfg.attention_impl
 
 
+def _timed(fn):
+  wall, cpu = time.perf_counter(), time.process_time()
+  fn()
+  return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _spread(xs):
+  q = statistics.quantiles(xs, n=4) if len(xs) > 1 else xs * 3
+  return [round(x, 3) for x in (min(xs), q[0], q[2], max(xs))]
+
+
 def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = argparse.ArgumentParser(
+      description=__doc__.split("\n")[0],
+      epilog=__doc__[__doc__.index("What is measured"):],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq-len", type=int, default=512)
-  p.add_argument("--steps", type=int, default=6)
+  p.add_argument("--steps", type=int, default=10,
+                 help="timed steps of each framework, interleaved")
   p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--threads", type=int, default=1,
+                 help="CPU threads for each framework (0 = every core this "
+                      "process may use). One by default: on a shared "
+                      "machine a busy core makes multi-threaded steps wait "
+                      "on their slowest thread (torch's OpenMP most)")
   p.add_argument("--lr", type=float, default=1e-4)
   p.add_argument("--attention", default="auto")
   p.add_argument("--remat", default="none")
+  p.add_argument("--ce-chunk", type=int, default=512)
   args = p.parse_args()
+  cores = sorted(os.sched_getaffinity(0))
+  if args.threads < 0 or args.threads > len(cores):
+    p.error(f"--threads {args.threads}: this process may use "
+            f"{len(cores)} cores (0 = all of them)")
+  if args.threads:
+    # Before jax or torch start: both size their thread pools from this.
+    os.sched_setaffinity(0, cores[:args.threads])
+  from sft_jax.train import bench  # pylint: disable=g-import-not-at-top
   batch = bench.synthetic_batch(args.batch, args.seq_len,
                                 LLAMA_7M["vocab_size"], seed=0)
+  load_start = os.getloadavg()[0]
   jax_step, attention = jax_step_fn(args)
   torch_step = torch_step_fn(batch, args.lr)
   for _ in range(args.warmup):
     jax_step()
     torch_step()
-  # Interleaved, so both see the same machine load.
-  times = {"jax": [], "torch": []}
+  wall = {"jax": [], "torch": []}
+  cpu = {"jax": [], "torch": []}
   for _ in range(args.steps):
     for name, fn in (("jax", jax_step), ("torch", torch_step)):
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
+      w, c = _timed(fn)
+      wall[name].append(w)
+      cpu[name].append(c)
   tokens = args.batch * args.seq_len
-  ours = tokens / statistics.median(times["jax"])
-  theirs = tokens / statistics.median(times["torch"])
+  med = lambda xs: statistics.median(xs)
+  per_pair = lambda d: [t / j for j, t in zip(d["jax"], d["torch"])]
   print(json.dumps({
       "shape": f"llama 7M, {args.batch}x{args.seq_len}, float32",
-      "attention": attention, "cpu_threads": os.cpu_count(),
-      "load_average": round(os.getloadavg()[0], 1),
-      "torch_tokens_per_s": round(theirs, 1),
-      "sft_jax_tokens_per_s": round(ours, 1),
-      "ratio": round(ours / theirs, 3),
-      "ratio_per_step": [round(t / j, 3) for j, t in zip(times["jax"],
-                                                         times["torch"])]}))
+      "attention": attention,
+      "threads_each": len(os.sched_getaffinity(0)),
+      "steps": args.steps,
+      "load_average_start_end": [round(load_start, 1),
+                                 round(os.getloadavg()[0], 1)],
+      "sft_jax_tokens_per_s": round(tokens / med(wall["jax"]), 1),
+      "torch_tokens_per_s": round(tokens / med(wall["torch"]), 1),
+      "ratio_wall": round(med(wall["torch"]) / med(wall["jax"]), 3),
+      "ratio_wall_spread": _spread(per_pair(wall)),
+      "sft_jax_cpu_s_per_step": round(med(cpu["jax"]), 3),
+      "torch_cpu_s_per_step": round(med(cpu["torch"]), 3),
+      "ratio_cpu": round(med(cpu["torch"]) / med(cpu["jax"]), 3),
+      "ratio_cpu_spread": _spread(per_pair(cpu)),
+  }))
 
 
 if __name__ == "__main__":
-  np.set_printoptions(precision=4)
   main()

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 # Finite, so that a query with no visible key (padding) softmaxes to a
 # uniform row instead of NaN; such rows are never supervised.
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 MODES = ("train", "cache")
 # impl -> module that defines it (imported on first use: the kernels pull in
@@ -84,7 +84,7 @@ def reference(q_BxTxHxK, k_BxSxNxK, v_BxSxNxK, q_ord_BxT, q_seg_BxT,
   mask_BxTxS = attention_mask(q_ord_BxT, q_seg_BxT, kv_ord_BxS, kv_seg_BxS,
                               window)
   logits_BxNxGxTxS = jnp.where(mask_BxTxS[:, None, None], logits_BxNxGxTxS,
-                               _MASKED)
+                               MASKED)
   probs = jax.nn.softmax(logits_BxNxGxTxS, axis=-1).astype(v_BxSxNxK.dtype)
   out_BxTxNxGxK = jnp.einsum("bngts,bsnk->btngk", probs, v_BxSxNxK)
   return out_BxTxNxGxK.reshape(b, t, h, d)
