@@ -138,9 +138,9 @@ def main():
       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq-len", type=int, default=512)
-  p.add_argument("--steps", type=int, default=10,
+  p.add_argument("--steps", type=int, default=8,
                  help="timed steps of each framework, interleaved")
-  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--threads", type=int, default=1,
                  help="CPU threads for each framework (0 = every core this "
                       "process may use). One by default: on a shared "
