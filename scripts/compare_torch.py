@@ -83,12 +83,14 @@ def torch_step_fn(batch, lr: float):
 
 def jax_step_fn(args):
   """(a closure running one sft_jax train step, the attention summary)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from sft_jax.train import bench  # pylint: disable=g-import-not-at-top
-  from sft_jax.train import config as config_lib  # pylint: disable=g-import-not-at-top
-  from sft_jax.train import model_setup  # pylint: disable=g-import-not-at-top
-  from sft_jax.train import sharding  # pylint: disable=g-import-not-at-top
-  from sft_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  # Imported here: main() pins the process's cores before jax starts.
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from sft_jax.train import bench
+  from sft_jax.train import config as config_lib
+  from sft_jax.train import model_setup
+  from sft_jax.train import sharding
+  from sft_jax.train import step as step_lib
   cfg = config_lib.load_config("configs/tiny.py", [
       f"--config.model.hf_config={json.dumps(LLAMA_7M)}",
       "--config.model.dtype=float32", "--config.model.param_dtype=float32",
@@ -138,9 +140,9 @@ def main():
       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq-len", type=int, default=512)
-  p.add_argument("--steps", type=int, default=10,
+  p.add_argument("--steps", type=int, default=8,
                  help="timed steps of each framework, interleaved")
-  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--threads", type=int, default=1,
                  help="CPU threads for each framework (0 = every core this "
                       "process may use). One by default: on a shared "
