@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Train-step speed side by side: transformers + PyTorch vs sft_jax on CPU.
+"""Train-step speed side by side: transformers + PyTorch vs sft_jax.
 
-  python scripts/compare_torch.py               # 7M Llama, 8 x 512, fp32
+  python scripts/compare_torch.py               # 7M Llama, 8 x 512, fp32, CPU
   python scripts/compare_torch.py --threads 0   # every core, each framework
   python scripts/compare_torch.py --attention xla --steps 20
+  python scripts/compare_torch.py --device cuda --model 1b --batch 2 \
+      --seq-len 4096                            # one NVIDIA GPU, bf16
 
 The same Llama shape and the same packed batches (bench.synthetic_batch:
 several segments per row, padding, ~60% of tokens supervised) train with:
@@ -11,11 +13,14 @@ several segments per row, padding, ~60% of tokens supervised) train with:
            causal 4D mask (so segments stay apart, as in sft_jax), AdamW,
            cross-entropy over supervised tokens only;
   sft_jax: the real train step (`sft-jax bench`'s), AdamW, masked CE.
-Both in float32, in this one process, on the same --threads CPU threads
-(default one; the process is pinned to that many cores before either
-framework starts:
-XLA sizes its thread pool from the cores it may run on, torch gets
-set_num_threads).
+On the CPU both run in float32, in this one process, on the same --threads
+CPU threads (default one; the process is pinned to that many cores before
+either framework starts: XLA sizes its thread pool from the cores it may run
+on, torch gets set_num_threads). With --device cuda both run on the one GPU
+in bfloat16 compute with float32 parameters and optimizer state (torch:
+autocast; sft_jax: model.dtype=bfloat16, param_dtype=float32); JAX then
+allocates on demand instead of taking most of the GPU up front, so the two
+frameworks share it, and only wall time is meaningful.
 
 What is measured: after --warmup steps each, --steps pairs of steps, the two
 frameworks' steps interleaved (one sft_jax step, one torch step, ...) so a
@@ -42,17 +47,30 @@ LLAMA_7M = dict(model_type="llama", vocab_size=8000, hidden_size=256,
                 max_position_embeddings=4096, tie_word_embeddings=False)
 
 
-def torch_step_fn(batch, lr: float):
+# Llama-3.2-1B's shape (random weights).
+LLAMA_1B = dict(model_type="llama", vocab_size=128256, hidden_size=2048,
+                intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                rms_norm_eps=1e-5, rope_theta=500000.0,
+                max_position_embeddings=8192, tie_word_embeddings=True)
+MODELS = {"7m": LLAMA_7M, "1b": LLAMA_1B}
+
+
+def torch_step_fn(batch, args):
   """A closure running one transformers + PyTorch train step."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  torch.set_num_threads(len(os.sched_getaffinity(0)))
-  hf = dict(LLAMA_7M)
+  if args.device == "cpu":
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+  hf = dict(MODELS[args.model])
   hf.pop("model_type")
   config = transformers.LlamaConfig(**hf, attn_implementation="sdpa")
-  model = transformers.LlamaForCausalLM(config).float().train()
-  opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999),
+  dev = torch.device(args.device)
+  model = transformers.LlamaForCausalLM(config).float().to(dev).train()
+  autocast = torch.autocast(args.device, dtype=torch.bfloat16,
+                            enabled=args.device == "cuda")
+  opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.999),
                           eps=1e-8, weight_decay=0.0)
   seg = torch.from_numpy(batch["segment_ids"]).long()
   t = seg.shape[1]
@@ -61,18 +79,19 @@ def torch_step_fn(batch, lr: float):
   mask = ((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
           & (idx[None, :, None] >= idx[None, None, :]))
   mask |= torch.eye(t, dtype=torch.bool)[None]
-  mask = mask[:, None]
-  tokens = torch.from_numpy(batch["tokens"]).long()
-  positions = torch.from_numpy(batch["positions"]).long()
-  targets = torch.from_numpy(batch["targets"]).long()
-  weights = torch.from_numpy(batch["loss_mask"])
+  mask = mask[:, None].to(dev)
+  tokens = torch.from_numpy(batch["tokens"]).long().to(dev)
+  positions = torch.from_numpy(batch["positions"]).long().to(dev)
+  targets = torch.from_numpy(batch["targets"]).long().to(dev)
+  weights = torch.from_numpy(batch["loss_mask"]).to(dev)
 
   def step():
     opt.zero_grad(set_to_none=True)
-    logits = model(input_ids=tokens, attention_mask=mask,
-                   position_ids=positions).logits
+    with autocast:
+      logits = model(input_ids=tokens, attention_mask=mask,
+                     position_ids=positions).logits
     nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
         reduction="none")
     loss = (nll * weights.reshape(-1)).sum() / weights.sum()
     loss.backward()
@@ -91,9 +110,10 @@ def jax_step_fn(args):
   from sft_jax.train import model_setup
   from sft_jax.train import sharding
   from sft_jax.train import step as step_lib
+  dtype = "bfloat16" if args.device == "cuda" else "float32"
   cfg = config_lib.load_config("configs/tiny.py", [
-      f"--config.model.hf_config={json.dumps(LLAMA_7M)}",
-      "--config.model.dtype=float32", "--config.model.param_dtype=float32",
+      f"--config.model.hf_config={json.dumps(MODELS[args.model])}",
+      f"--config.model.dtype={dtype}", "--config.model.param_dtype=float32",
       f"--config.model.attention={args.attention}",
       f"--config.model.remat={args.remat}", "--config.model.init=random",
       "--config.model.path=", "--config.method.name=full",
@@ -138,6 +158,9 @@ def main():
       description=__doc__.split("\n")[0],
       epilog=__doc__[__doc__.index("What is measured"):],
       formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+  p.add_argument("--model", choices=sorted(MODELS), default="7m",
+                 help="7m: D 256, 4 layers, V 8000; 1b: Llama-3.2-1B's shape")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq-len", type=int, default=512)
   p.add_argument("--steps", type=int, default=8,
@@ -157,15 +180,19 @@ def main():
   if args.threads < 0 or args.threads > len(cores):
     p.error(f"--threads {args.threads}: this process may use "
             f"{len(cores)} cores (0 = all of them)")
-  if args.threads:
+  if args.device == "cuda":
+    # Both frameworks on one GPU: JAX must not take most of it up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ.setdefault("JAX_PLATFORMS", "cuda")
+  elif args.threads:
     # Before jax or torch start: both size their thread pools from this.
     os.sched_setaffinity(0, cores[:args.threads])
   from sft_jax.train import bench  # pylint: disable=g-import-not-at-top
   batch = bench.synthetic_batch(args.batch, args.seq_len,
-                                LLAMA_7M["vocab_size"], seed=0)
+                                MODELS[args.model]["vocab_size"], seed=0)
   load_start = os.getloadavg()[0]
   jax_step, attention = jax_step_fn(args)
-  torch_step = torch_step_fn(batch, args.lr)
+  torch_step = torch_step_fn(batch, args)
   for _ in range(args.warmup):
     jax_step()
     torch_step()
@@ -180,7 +207,10 @@ def main():
   med = lambda xs: statistics.median(xs)
   per_pair = lambda d: [t / j for j, t in zip(d["jax"], d["torch"])]
   print(json.dumps({
-      "shape": f"llama 7M, {args.batch}x{args.seq_len}, float32",
+      "shape": (f"llama {args.model}, {args.batch}x{args.seq_len}, "
+                + ("bfloat16 compute" if args.device == "cuda"
+                   else "float32")),
+      "device": args.device,
       "attention": attention,
       "threads_each": len(os.sched_getaffinity(0)),
       "steps": args.steps,

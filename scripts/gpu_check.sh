@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One run on a fresh NVIDIA GPU machine (jax >= 0.11 with CUDA installed):
 # installs the missing packages from a local wheels folder, runs the
-# GPU-only tests, then the benchmark table. At most ~8 minutes; everything
-# lands in one folder.
+# GPU-only tests, the PyTorch side-by-side run, then the benchmark table.
+# At most ~8 minutes; everything lands in one folder.
 #
 #   bash scripts/gpu_check.sh [WHEELS_DIR] [OUT_DIR]
 #
@@ -64,6 +64,16 @@ JAX_PLATFORMS=$PLATFORM timeout 120 python -m pytest -q tests/attention_gpu_test
   tests/attention_test.py -k "not splash" --junitxml="$OUT/tests.xml" \
   > "$OUT/tests.txt" 2>&1
 log "tests exit $? ($(tail -1 "$OUT/tests.txt"))"
+
+log "side by side with PyTorch"
+if [ "$PLATFORM" = cuda ]; then
+  timeout 110 python scripts/compare_torch.py --device cuda --model 1b \
+    --batch 2 --seq-len 4096 --steps 5 --warmup 2 > "$OUT/compare_torch.txt" 2>&1
+else
+  timeout 110 python scripts/compare_torch.py --steps 2 --warmup 1 \
+    --seq-len 256 > "$OUT/compare_torch.txt" 2>&1
+fi
+log "compare exit $? ($(tail -1 "$OUT/compare_torch.txt"))"
 
 log "benchmark table"
 remaining=$(( 450 - ($(date +%s) - start) ))
