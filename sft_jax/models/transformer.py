@@ -40,6 +40,7 @@ from sft_jax.models import quant as quant_lib
 from sft_jax.models import remat as remat_lib
 from sft_jax.models.config import ModelConfig
 from sft_jax.models.sharding import constrain
+from sft_jax.models.sharding import dense
 
 # Activation layouts (logical names: see sharding.py).
 _BTD = ("batch", "length", "act_embed")
@@ -77,7 +78,7 @@ class _Dense(nn.Module):
                             pdtype)
     if quant_lib.is_quantized(kernel_IxO):
       kernel_IxO = quant_lib.dequantize(kernel_IxO, dtype)
-    y_BxTxO = jnp.einsum("bti,io->bto", x_BxTxI, kernel_IxO.astype(dtype))
+    y_BxTxO = dense(x_BxTxI, kernel_IxO.astype(dtype), self.scope.path)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,),
                         pdtype)
