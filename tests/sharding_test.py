@@ -4,7 +4,6 @@ Runs on the 8 simulated CPU devices of conftest.py.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
@@ -207,7 +206,7 @@ def test_activation_axes_without_rules_stay_unconstrained():
 
 
 def test_kernels_gather_over_batch_axes_and_dense_rows_stay_put():
-  """The one-dot pattern XLA mis-partitions, through `constrain_kernel`.
+  """The one-dot pattern XLA mis-partitions, through `dense`.
 
   h [4, T, F] rows over (data, fsdp) and F over tensor, w [F, D] over
   (tensor, fsdp), y's D over tensor, one row per device: without the kernel
@@ -217,8 +216,8 @@ def test_kernels_gather_over_batch_axes_and_dense_rows_stay_put():
   mesh = sharding.make_mesh(_mesh_cfg(2, 2, 2))
   rules = _rules()
   rng = np.random.default_rng(0)
-  h = rng.standard_normal((4, 3, 8)).astype(np.float32)
-  w = rng.standard_normal((8, 4)).astype(np.float32)
+  h = rng.standard_normal((4, 16, 48)).astype(np.float32)
+  w = rng.standard_normal((48, 32)).astype(np.float32)
   shard = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
   h_s = shard(h, ("data", "fsdp"), None, "tensor")
   w_s = shard(w, "tensor", "fsdp")
@@ -226,9 +225,8 @@ def test_kernels_gather_over_batch_axes_and_dense_rows_stay_put():
   @jax.jit
   def f(h, w):
     with models.activation_sharding(mesh, rules):
-      w = model_sharding.constrain_kernel(w, ("layers", "mlp", "down_proj"))
-      return model_sharding.constrain(
-          jnp.einsum("btf,fd->btd", h, w), ("batch", "length", "act_embed"))
+      y = model_sharding.dense(h, w, ("layers", "mlp", "down_proj"))
+      return model_sharding.constrain(y, ("batch", "length", "act_embed"))
   np.testing.assert_allclose(f(h_s, w_s), np.einsum("btf,fd->btd", h, w),
                              rtol=1e-5, atol=1e-5)
   # The kernel keeps its tensor split and loses only the batch axes.

@@ -8,7 +8,9 @@ while the residual stream's D is not: "batch" (B), "length" (T), "act_embed"
 (D), "act_heads" (H), "act_kv_heads" (N), "act_mlp" (F), "act_vocab" (V).
 `constrain(x, axes)` pins an activation's layout where the model decides it;
 it does nothing unless `activation_sharding(mesh, rules)` is active while the
-function is traced, so single-device code is unchanged.
+function is traced, so single-device code is unchanged. Likewise
+`constrain_weight` / `dense` give a weight its layout at its matmul: gathered
+over the batch axes (FSDP), still split over "tensor".
 """
 
 import contextlib
@@ -126,7 +128,6 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     return x  # A config saved before these rules existed: leave it to XLA.
   spec = train_sharding.logical_to_spec(axes, x.shape, mesh, rules)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
 
 
 def constrain_weight(w: jax.Array, axes: tuple[str | None, ...]
