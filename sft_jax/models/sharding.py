@@ -145,7 +145,10 @@ def constrain_weight(w: jax.Array, axes: tuple[str | None, ...]
   one row per device: rows 1 and 2 of 4 come back swapped. With
   act_embed="tensor" that pattern is the down and output projections and the
   LM head's backward (a wrong loss and gradients on a (2, 2, 2) mesh with
-  grad_accum=2; tests/sharding_test.py). A no-op unless
+  grad_accum=2; tests/sharding_test.py). For the embedding table it also
+  keeps the lookup local: left split over "fsdp", its backward pass made XLA
+  replicate the whole batch's activation gradient on every device ("involuntary
+  full rematerialization" on data=2 x fsdp=4). A no-op unless
   `activation_sharding` is active.
   """
   active = _ACTIVE.get()

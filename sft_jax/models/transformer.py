@@ -40,6 +40,7 @@ from sft_jax.models import quant as quant_lib
 from sft_jax.models import remat as remat_lib
 from sft_jax.models.config import ModelConfig
 from sft_jax.models.sharding import constrain
+from sft_jax.models.sharding import constrain_weight
 from sft_jax.models.sharding import dense
 
 # Activation layouts (logical names: see sharding.py).
@@ -257,7 +258,10 @@ class _Embed(nn.Module):
 
   def __call__(self, tokens_BxT):
     dtype = jnp.dtype(self.cfg.dtype)
-    x_BxTxD = jnp.take(self.embedding, tokens_BxT, axis=0).astype(dtype)
+    # Gathered over the batch axes first, so each device looks up its own
+    # rows instead of XLA moving rows of activations between devices.
+    table_VxD = constrain_weight(self.embedding, ("vocab", "embed"))
+    x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0).astype(dtype)
     if self.cfg.embed_scale:
       # Rounded to the compute dtype first, as transformers does.
       x_BxTxD = x_BxTxD * jnp.asarray(self.cfg.hidden_size ** 0.5, dtype)
