@@ -128,10 +128,7 @@ def get_config(arg=None):
   c.sharding.rules.layers = ""  # Stacked layer axis.
   c.sharding.rules.lora_rank = ""  # LoRA rank r.
   # Activations (rows and positions use "batch" and "length" above).
-  # Residual stream width D. "tensor" saves memory on tensor-parallel meshes,
-  # but on CPU XLA it gave wrong losses with grad_accum=2 on a (2,2,2) mesh
-  # and one row per device (tests/distill_test.py), so it stays replicated.
-  c.sharding.rules.act_embed = ""
+  c.sharding.rules.act_embed = "tensor"  # Residual stream width D.
   c.sharding.rules.act_heads = "tensor"  # Query heads of q and the attention output.
   c.sharding.rules.act_kv_heads = "tensor"  # Key/value heads of k and v.
   c.sharding.rules.act_mlp = "tensor"  # MLP hidden F.

@@ -62,14 +62,6 @@ def test_sharded_meshes_reduce_gradients_not_activations():
     mem, coll, largest_param = _compiled_stats(mesh)
     # Largest activation of the step: f32 [16, 64, 128] MLP hidden = 512 KiB.
     assert coll["all-reduce"]["max_bytes"] <= largest_param, (mesh, coll)
-    if mesh[2] == 1:
-      assert mem["temp_bytes"] <= data_mem["temp_bytes"], (mesh, mem, data_mem)
-    else:
-      # With the residual stream replicated over "tensor" (the default
-      # act_embed rule, see configs/base.py) the step's temporaries are ~6%
-      # above data=8's on this tiny model; what a device holds in all is far
-      # below it, since parameters and optimizer state are split 8 ways.
-      total = lambda m: m["temp_bytes"] + m["argument_bytes"]
-      assert total(mem) <= total(data_mem), (mesh, mem, data_mem)
+    assert mem["temp_bytes"] <= data_mem["temp_bytes"], (mesh, mem, data_mem)
     assert coll["all-gather"]["count"] > 0  # FSDP gathers the weights
 

@@ -6,6 +6,7 @@ Runs on the 8 simulated CPU devices of conftest.py.
 import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_dict
 
@@ -202,3 +203,56 @@ def test_activation_axes_without_rules_stay_unconstrained():
     with models.activation_sharding(mesh, old_rules):
       return model_sharding.constrain(x, ("batch", "length", "act_embed"))
   assert "sharding_constraint" not in str(jax.make_jaxpr(f)(x))
+
+
+def test_kernels_gather_over_batch_axes_and_dense_rows_stay_put():
+  """The one-dot pattern XLA mis-partitions, through `gathered_matmul`.
+
+  h [4, T, F] rows over (data, fsdp) and F over tensor, w [F, D] over
+  (tensor, fsdp), y's D over tensor, one row per device: without the kernel
+  constraint XLA returns rows 1 and 2 swapped.
+  """
+  from sft_jax.models import sharding as model_sharding  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(_mesh_cfg(2, 2, 2))
+  rules = _rules()
+  rng = np.random.default_rng(0)
+  h = rng.standard_normal((4, 16, 48)).astype(np.float32)
+  w = rng.standard_normal((48, 32)).astype(np.float32)
+  shard = lambda x, *spec: jax.device_put(x, NamedSharding(mesh, P(*spec)))
+  h_s = shard(h, ("data", "fsdp"), None, "tensor")
+  w_s = shard(w, "tensor", "fsdp")
+
+  @jax.jit
+  def f(h, w):
+    with models.activation_sharding(mesh, rules):
+      y = model_sharding.gathered_matmul(h, w, ("layers", "mlp", "down_proj"))
+      return model_sharding.constrain(y, ("batch", "length", "act_embed"))
+  np.testing.assert_allclose(f(h_s, w_s), np.einsum("btf,fd->btd", h, w),
+                             rtol=1e-5, atol=1e-5)
+  # The kernel keeps its tensor split and loses only the batch axes.
+  jaxpr = str(jax.make_jaxpr(f)(h_s, w_s))
+  assert "P('tensor', None)" in jaxpr or "P('tensor',)" in jaxpr, jaxpr
+  # Without a mesh, or for a module without logical axes, nothing changes.
+  assert model_sharding.constrain_kernel(w, ("layers", "mlp", "down_proj")) is w
+  with models.activation_sharding(mesh, rules):
+    assert model_sharding.constrain_kernel(w, ("head", "proj")) is w
+
+
+def test_tensor_sharded_residual_with_accumulation_equals_one_device():
+  """act_embed on "tensor", grad_accum=2, one row per device per micro-batch."""
+  def cfg_for(mesh, accum):
+    d, f, t = mesh
+    return config_lib.load_config("configs/tiny.py", [
+        *_SGD, "--config.train.batch_size=8", f"--config.mesh.data={d}",
+        f"--config.mesh.fsdp={f}", f"--config.mesh.tensor={t}",
+        f"--config.train.grad_accum={accum}",
+        "--config.sharding.rules.act_embed=tensor"])
+  ref_metrics, ref_params = _one_step(cfg_for((1, 1, 1), 1),
+                                      jax.devices()[:1])
+  metrics, params = _one_step(cfg_for((2, 2, 2), 2), jax.devices())
+  for key in ("loss", "grad_norm"):
+    np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5,
+                               err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-6),
+               params, ref_params)

@@ -8,7 +8,9 @@ while the residual stream's D is not: "batch" (B), "length" (T), "act_embed"
 (D), "act_heads" (H), "act_kv_heads" (N), "act_mlp" (F), "act_vocab" (V).
 `constrain(x, axes)` pins an activation's layout where the model decides it;
 it does nothing unless `activation_sharding(mesh, rules)` is active while the
-function is traced, so single-device code is unchanged.
+function is traced, so single-device code is unchanged. Likewise
+`constrain_weight` / `dense` give a weight its layout at its matmul: gathered
+over the batch axes (FSDP), still split over "tensor".
 """
 
 import contextlib
@@ -18,6 +20,7 @@ import re
 import jax
 from jax.sharding import NamedSharding
 
+from sft_jax.models import dense as dense_lib
 from sft_jax.models.config import ModelConfig
 
 # (regex on the "/"-joined param path, axes), first match wins.
@@ -125,3 +128,76 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     return x  # A config saved before these rules existed: leave it to XLA.
   spec = train_sharding.logical_to_spec(axes, x.shape, mesh, rules)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def constrain_weight(w: jax.Array, axes: tuple[str | None, ...]
+                     ) -> jax.Array:
+  """A weight as a matmul uses it: its layout minus the batch mesh axes.
+
+  `axes` are the weight's parameter axes (as in `_PARAM_AXES`, without
+  "layers" inside the layer scan); the layout is theirs under the rules with
+  the mesh axes of rules["batch"] removed. FSDP keeps a weight split over
+  "fsdp" at rest and all-gathers it where it is used; this pins that gather
+  (tensor-parallel splits stay). Besides saying what FSDP means, it keeps the
+  step correct: without it XLA's SPMD partitioner (jax 0.10, CPU)
+  mis-partitions y = h @ w for h [B, T, F] rows over ("data", "fsdp") and F
+  over "tensor", w [F, D] over ("tensor", "fsdp"), y's D over "tensor", at
+  one row per device: rows 1 and 2 of 4 come back swapped. With
+  act_embed="tensor" that pattern is the down and output projections and the
+  LM head's backward (a wrong loss and gradients on a (2, 2, 2) mesh with
+  grad_accum=2; tests/sharding_test.py). For the embedding table it also
+  keeps the lookup local: left split over "fsdp", its backward pass made XLA
+  replicate the whole batch's activation gradient on every device ("involuntary
+  full rematerialization" on data=2 x fsdp=4). A no-op unless
+  `activation_sharding` is active.
+  """
+  active = _ACTIVE.get()
+  if active is None:
+    return w
+  from sft_jax.train import sharding as train_sharding  # pylint: disable=g-import-not-at-top
+  mesh, rules = active
+  batch_axes = set(rules.get("batch", ()))
+  use_rules = {name: tuple(a for a in mesh_axes if a not in batch_axes)
+               for name, mesh_axes in rules.items()}
+  spec = train_sharding.logical_to_spec(axes, w.shape, mesh, use_rules)
+  if spec == train_sharding.logical_to_spec(axes, w.shape, mesh, rules):
+    return w  # Not split over a batch axis: nothing to gather.
+  return jax.lax.with_sharding_constraint(w, NamedSharding(mesh, spec))
+
+
+def constrain_kernel(kernel: jax.Array, module_path: tuple[str, ...]
+                     ) -> jax.Array:
+  """`constrain_weight` for a layer's kernel, axes found by its module path.
+
+  A kernel whose path has no logical axes is left to XLA.
+  """
+  if _ACTIVE.get() is None:
+    return kernel
+  # Inside the layer scan a kernel has no "layers" axis; frozen bottom layers
+  # run the same blocks under "frozen_layers".
+  path = re.sub(r"^frozen_layers/", "layers/", "/".join(module_path))
+  try:
+    axes = _param_axes(path + "/kernel")
+  except KeyError:
+    return kernel
+  if axes[0] == "layers" and len(axes) == kernel.ndim + 1:
+    axes = axes[1:]
+  if len(axes) != kernel.ndim:
+    return kernel
+  return constrain_weight(kernel, axes)
+
+
+def gathered_matmul(x_BxTxI: jax.Array, kernel_IxO: jax.Array,
+                    module_path: tuple[str, ...]) -> jax.Array:
+  """`dense.matmul(x, kernel)`, the kernel gathered as `constrain_kernel` says.
+
+  Under a mesh the gather is redone in the backward pass instead of being
+  saved: saved, the layer scan would keep every layer's gathered kernel (the
+  whole model on each device, which FSDP exists to avoid).
+  """
+  matmul = dense_lib.matmul
+  if _ACTIVE.get() is None:
+    return matmul(x_BxTxI, kernel_IxO)
+  return jax.checkpoint(
+      lambda x, w: matmul(x, constrain_kernel(w, module_path)))(x_BxTxI,
+                                                                kernel_IxO)

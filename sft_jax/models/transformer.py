@@ -41,6 +41,8 @@ from sft_jax.models import quant as quant_lib
 from sft_jax.models import remat as remat_lib
 from sft_jax.models.config import ModelConfig
 from sft_jax.models.sharding import constrain
+from sft_jax.models.sharding import constrain_weight
+from sft_jax.models.sharding import gathered_matmul
 
 # Activation layouts (logical names: see sharding.py).
 _BTD = ("batch", "length", "act_embed")
@@ -78,7 +80,8 @@ class _Dense(nn.Module):
                             pdtype)
     if quant_lib.is_quantized(kernel_IxO):
       kernel_IxO = quant_lib.dequantize(kernel_IxO, dtype)
-    y_BxTxO = dense.matmul(x_BxTxI, kernel_IxO.astype(dtype))
+    y_BxTxO = gathered_matmul(x_BxTxI, kernel_IxO.astype(dtype),
+                              self.scope.path)
     if self.use_bias:
       bias = self.param("bias", nn.initializers.zeros, (self.features,),
                         pdtype)
@@ -250,7 +253,10 @@ class _Embed(nn.Module):
 
   def __call__(self, tokens_BxT):
     dtype = jnp.dtype(self.cfg.dtype)
-    x_BxTxD = jnp.take(self.embedding, tokens_BxT, axis=0).astype(dtype)
+    # Gathered over the batch axes first, so each device looks up its own
+    # rows instead of XLA moving rows of activations between devices.
+    table_VxD = constrain_weight(self.embedding, ("vocab", "embed"))
+    x_BxTxD = jnp.take(table_VxD, tokens_BxT, axis=0).astype(dtype)
     if self.cfg.embed_scale:
       # Rounded to the compute dtype first, as transformers does.
       x_BxTxD = x_BxTxD * jnp.asarray(self.cfg.hidden_size ** 0.5, dtype)

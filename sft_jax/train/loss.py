@@ -26,10 +26,12 @@ import jax
 import jax.numpy as jnp
 
 from sft_jax.models.sharding import constrain
+from sft_jax.models.sharding import constrain_weight
 
 # Chunk layouts: rows stay data-parallel, logits split over the vocabulary.
 _BCD = ("batch", "length", "act_embed")
 _BCV = ("batch", "length", "act_vocab")
+_DV = ("embed", "vocab")  # The unembedding, gathered over the batch axes.
 
 
 def token_losses(hidden_BxTxD: jax.Array, w_DxV: jax.Array,
@@ -65,8 +67,8 @@ def token_losses(hidden_BxTxD: jax.Array, w_DxV: jax.Array,
   @jax.checkpoint
   def one_chunk(h_BxCxD, t_BxC):
     h_BxCxD = constrain(h_BxCxD, _BCD)
-    logits_BxCxV = constrain(logits_fn(h_BxCxD, w_DxV).astype(jnp.float32),
-                             _BCV)
+    logits_BxCxV = constrain(logits_fn(
+        h_BxCxD, constrain_weight(w_DxV, _DV)).astype(jnp.float32), _BCV)
     log_z_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
     target_logit_BxC = jnp.take_along_axis(
         logits_BxCxV, t_BxC[..., None], axis=-1)[..., 0]
@@ -108,7 +110,8 @@ def _weighted_ce_scan(hidden_BxTxD, w_DxV, targets_BxT, nll_weight_BxT,
   def body(dw_DxV, x):
     h_BxCxD, t_BxC, nw_BxC, zw_BxC = x
     h_BxCxD = constrain(h_BxCxD, _BCD)
-    f = lambda h, w: constrain(logits_fn(h, w).astype(jnp.float32), _BCV)
+    f = lambda h, w: constrain(logits_fn(
+        h, constrain_weight(w, _DV)).astype(jnp.float32), _BCV)
     if with_grads:
       logits_BxCxV, vjp = jax.vjp(f, h_BxCxD, w_DxV)
     else:
