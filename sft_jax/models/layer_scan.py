@@ -137,10 +137,10 @@ def _from_view(plan: Plan, view: dict) -> dict:
   return out
 
 
-# Layer p of a group reads [p] of the group's [P, ...] params inside its
-# remat (checkpoint), and the policy never saves a slice: the backward pass
-# re-slices the scanned input instead of the forward saving a stacked copy
-# of every layer's weights as residuals.
+# A layer reads its row of the stack inside its remat (checkpoint), and the
+# policy never saves a slice: the backward pass reads the row again instead
+# of the forward saving a stacked copy of every layer's weights as
+# residuals.
 _SLICES = (jax.lax.slice_p, jax.lax.squeeze_p, jax.lax.dynamic_slice_p)
 
 
