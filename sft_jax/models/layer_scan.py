@@ -17,14 +17,15 @@ pieces with P = 1 (`scan_plan`).
 
 The params tree is unchanged: every leaf stays stacked [L, ...] under the
 stack's scope ("layers" or "frozen_layers"). nn.map_variables gives the
-pieces a view of it: a run scans x[s:s + k] as it is; a periodic piece sees
-x[s:s + k*P] reshaped to [k, P, ...] (a bitcast), the scan hands each group
-its [P, ...] slice, and layer p reads [p] of it inside its remat, whose
-policy never saves that slice (see _group_policy). A piece that is not the
-whole stack is a slice: one copy of its layers' weights per step. The view's
-scopes ("_scan<i>", "_layer<p>") never reach the params tree;
-`logical_path` drops them from module paths (LoRA targets match
-"layers/attn/q_proj").
+pieces a view of it. A run over the whole stack (a uniform model) scans the
+stack as it is, as before. Every other piece scans its groups with the
+whole stack as a loop-invariant operand, and layer p of group g reads its
+row (dynamic_slice) inside its remat, whose policy never saves that slice
+(see _group_policy): no slice of the stack is copied, and no stacked copy
+of the weights is kept as scan residuals. (Init builds the same tree
+through [k, P, ...] views.) The view's scopes ("_scan<i>", "_layer<p>")
+never reach the params tree; `logical_path` drops them from module paths
+(LoRA targets match "layers/attn/q_proj").
 """
 
 import functools
@@ -86,17 +87,31 @@ def _rows(x, start, size):
   return x if (start, size) == (0, x.shape[0]) else x[start:start + size]
 
 
-def _to_view(plan: Plan, stacked: dict) -> dict:
+def _indexed(plan: Plan, i: int) -> bool:
+  """Whether piece i reads its layers by index from the whole stack.
+
+  Every piece but a run over the whole stack: no slice of the stack is
+  copied, and each layer reads only its own weights.
+  """
+  return not (len(plan) == 1 and len(plan[0][0]) == 1)
+
+
+def _to_view(plan: Plan, init: bool, stacked: dict) -> dict:
   """{collection: [n, ...] tree} -> {collection: {_scan<i>: piece}}.
 
   A piece is [k, P, ...], or [k, ...] when P = 1 (a run: the stack's own
-  layout, as a plain scan over layers).
+  layout, as a plain scan over layers). Applying, an indexed piece (see
+  _indexed) gets the whole stack for each of its layers instead.
   """
   out = {}
   for col, tree in stacked.items():
     view, start = {}, 0
     for i, (period, groups) in enumerate(plan):
       p = len(period)
+      if not init and _indexed(plan, i):
+        view[f"{_SCAN}{i}"] = {f"{_LAYER}{j}": tree for j in range(p)}
+        start += groups * p
+        continue
       shape = (groups, p) if p > 1 else (groups,)
       view[f"{_SCAN}{i}"] = jax.tree.map(
           lambda x, s=start, n=groups * p, shape=shape: _rows(
@@ -122,21 +137,16 @@ def _from_view(plan: Plan, view: dict) -> dict:
   return out
 
 
-# Layer p of a group reads [p] of the group's [P, ...] params inside its
-# remat (checkpoint), and the policy never saves a slice: the backward pass
-# re-slices the scanned input instead of the forward saving a stacked copy
-# of every layer's weights as residuals.
-_SLICES = (jax.lax.slice_p, jax.lax.squeeze_p)
+# A layer reads its row of the stack inside its remat (checkpoint), and the
+# policy never saves a slice: the backward pass reads the row again instead
+# of the forward saving a stacked copy of every layer's weights as
+# residuals.
+_SLICES = (jax.lax.slice_p, jax.lax.squeeze_p, jax.lax.dynamic_slice_p)
 
 
-def _group_view(period: int, init: bool, group: dict) -> dict:
-  """{collection: [P, ...] tree} -> {collection: {_layer<p>: tree}}.
-
-  Each layer gets the whole group (it slices [p] itself, see above); at
-  init, its own slice [p].
-  """
-  return {col: {f"{_LAYER}{p}": jax.tree.map(
-      lambda x, p=p: x[p], tree) if init else tree
+def _group_view(period: int, group: dict) -> dict:
+  """Init: {collection: [P, ...] tree} -> {collection: {_layer<p>: [p]}}."""
+  return {col: {f"{_LAYER}{p}": jax.tree.map(lambda x, p=p: x[p], tree)
                 for p in range(period)}
           for col, tree in group.items()}
 
@@ -147,9 +157,12 @@ def _group_unview(period: int, view: dict) -> dict:
           for col, layers in view.items()}
 
 
-def _layer_of_group(p: int, variables: dict) -> dict:
-  return {col: jax.tree.map(lambda x: x[p], tree)
-          for col, tree in variables.items()}
+def _row_of_stack(row, variables: dict) -> dict:
+  def take(x):
+    x = jax.lax.dynamic_slice(x, (row,) + (0,) * (x.ndim - 1),
+                              (1,) + x.shape[1:])
+    return jax.lax.squeeze(x, (0,))
+  return {col: jax.tree.map(take, tree) for col, tree in variables.items()}
 
 
 def _group_policy(remat: str):
@@ -167,21 +180,37 @@ _COLLECTIONS = ("params", "lora")
 
 
 class _GroupBody(nn.Module):
-  """The P layers of one group, unrolled, each with its static window."""
+  """Init only: the P layers of one group, each with its own params."""
   block: Any  # module class: block(cfg, window, name=...)
   cfg: Any
   windows: tuple[int, ...]
 
   @nn.compact
   def __call__(self, carry, layer_P, *broadcast):
-    init = self.is_initializing()
     for p, window in enumerate(self.windows):
       layer = jax.tree.map(lambda a, p=p: a[p], layer_P)
-      block = self.block
-      if not init:  # (init creates the layer's own params, see _group_view)
-        block = nn.map_variables(
-            block, _COLLECTIONS,
-            trans_in_fn=functools.partial(_layer_of_group, p))
+      carry, _ = self.block(self.cfg, window, name=f"{_LAYER}{p}")(
+          carry, layer, *broadcast)
+    return carry, None
+
+
+class _IndexedBody(nn.Module):
+  """One group's P layers, each reading its row of the whole stack.
+
+  The stack is a loop-invariant operand (no slice is copied); the row is
+  read inside the layer's remat, whose policy never saves it.
+  """
+  block: Any
+  cfg: Any
+  windows: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, carry, layer_P, *broadcast):
+    for p, window in enumerate(self.windows):
+      layer = jax.tree.map(lambda a, p=p: a[p], layer_P)
+      block = nn.map_variables(
+          self.block, _COLLECTIONS,
+          trans_in_fn=functools.partial(_row_of_stack, layer["row"]))
       block = nn.remat(block, prevent_cse=False,
                        policy=_group_policy(self.cfg.remat))
       carry, _ = block(self.cfg, window, name=f"{_LAYER}{p}")(
@@ -199,12 +228,26 @@ class _StackBody(nn.Module):
   @nn.compact
   def __call__(self, carry, layer_inputs, *broadcast):
     start, init = 0, self.is_initializing()
+    total = sum(len(w) * k for w, k in self.plan)
+    layer_inputs = dict(layer_inputs, row=jnp.arange(total, dtype=jnp.int32))
     for i, (windows, groups) in enumerate(self.plan):
       p = len(windows)
       shape = (groups, p) if p > 1 else (groups,)
       inputs = jax.tree.map(
           lambda a, s=start, n=groups * p, shape=shape: a[s:s + n].reshape(
               shape + a.shape[1:]), layer_inputs)
+      if not init and _indexed(self.plan, i):
+        if p == 1:
+          inputs = jax.tree.map(lambda a: a[:, None], inputs)
+        scan = nn.scan(
+            _IndexedBody, variable_broadcast=_COLLECTIONS,
+            split_rngs={"dropout": True},
+            in_axes=(0,) + (nn.broadcast,) * len(broadcast),
+            length=groups, unroll=groups if self.unroll else 1)
+        carry, _ = scan(self.block, self.cfg, windows, name=f"{_SCAN}{i}")(
+            carry, inputs, *broadcast)
+        start += groups * p
+        continue
       if p == 1:  # A run: layers scanned one by one, as a uniform stack.
         body, args = self.block, (self.cfg, windows[0])
         if self.cfg.remat != "none":
@@ -213,7 +256,7 @@ class _StackBody(nn.Module):
       else:
         body = nn.map_variables(
             _GroupBody, _COLLECTIONS,
-            trans_in_fn=functools.partial(_group_view, p, init),
+            trans_in_fn=functools.partial(_group_view, p),
             trans_out_fn=functools.partial(_group_unview, p), init=init)
         args = (self.block, self.cfg, windows)
       scan = nn.scan(
@@ -238,6 +281,6 @@ def layer_stack(block, cfg, windows: Sequence[int], *, unroll: bool,
   plan = scan_plan(windows)
   mapped = nn.map_variables(
       _StackBody, _COLLECTIONS,
-      trans_in_fn=lambda v: _to_view(plan, v),
+      trans_in_fn=functools.partial(_to_view, plan, init),
       trans_out_fn=lambda v: _from_view(plan, v), init=init)
   return mapped(block, cfg, plan, unroll, name=name)
