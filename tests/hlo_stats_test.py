@@ -36,9 +36,22 @@ def test_collectives_parse_tuples_async_pairs_and_byte_sizes():
       "count"] == 0
 
 
+# The shape the memory claim was first measured on: a Llama with D 256,
+# F 1024, 8 query / 4 kv heads, batch 16 x 128 tokens. (configs/tiny.py's
+# D 64 x 64 tokens is so small that per-row buffers without a head axis,
+# which tensor parallelism cannot split, weigh as much as the activations.)
+_HF = ('{"model_type": "llama", "vocab_size": 512, "hidden_size": 256, '
+       '"intermediate_size": 1024, "num_hidden_layers": 2, '
+       '"num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 32, '
+       '"max_position_embeddings": 512, "rms_norm_eps": 1e-6, '
+       '"tie_word_embeddings": false, "rope_theta": 10000.0}')
+
+
 def _compiled_stats(mesh):
   d, f, t = mesh
   cfg = config_lib.load_config("configs/tiny.py", [
+      f"--config.model.hf_config={_HF}", "--config.train.seq_len=128",
+      "--config.train.ce_chunk=64",
       "--config.train.batch_size=16", f"--config.mesh.data={d}",
       f"--config.mesh.fsdp={f}", f"--config.mesh.tensor={t}"])
   mesh = sharding.make_mesh(cfg.mesh)
@@ -60,7 +73,7 @@ def test_sharded_meshes_reduce_gradients_not_activations():
   data_mem, _, _ = _compiled_stats((8, 1, 1))
   for mesh in ((1, 8, 1), (1, 4, 2), (2, 4, 1)):
     mem, coll, largest_param = _compiled_stats(mesh)
-    # Largest activation of the step: f32 [16, 64, 128] MLP hidden = 512 KiB.
+    # Largest activation: f32 [16, 128, 1024] MLP hidden = 8 MiB.
     assert coll["all-reduce"]["max_bytes"] <= largest_param, (mesh, coll)
     assert mem["temp_bytes"] <= data_mem["temp_bytes"], (mesh, mem, data_mem)
     assert coll["all-gather"]["count"] > 0  # FSDP gathers the weights
