@@ -174,8 +174,11 @@ def constrain_kernel(kernel: jax.Array, module_path: tuple[str, ...]
   if _ACTIVE.get() is None:
     return kernel
   # Inside the layer scan a kernel has no "layers" axis; frozen bottom layers
-  # run the same blocks under "frozen_layers".
-  path = re.sub(r"^frozen_layers/", "layers/", "/".join(module_path))
+  # run the same blocks under "frozen_layers"; the grouped scan's own scopes
+  # are not part of the parameter path.
+  from sft_jax.models import layer_scan  # pylint: disable=g-import-not-at-top
+  path = re.sub(r"^frozen_layers/", "layers/",
+                layer_scan.logical_path(module_path))
   try:
     axes = _param_axes(path + "/kernel")
   except KeyError:
