@@ -185,37 +185,33 @@ class _GroupBody(nn.Module):
   cfg: Any
   windows: tuple[int, ...]
 
+  def layer_module(self, layer):
+    del layer
+    return self.block
+
   @nn.compact
   def __call__(self, carry, layer_P, *broadcast):
     for p, window in enumerate(self.windows):
       layer = jax.tree.map(lambda a, p=p: a[p], layer_P)
-      carry, _ = self.block(self.cfg, window, name=f"{_LAYER}{p}")(
-          carry, layer, *broadcast)
+      carry, _ = self.layer_module(layer)(self.cfg, window,
+                                          name=f"{_LAYER}{p}")(
+                                              carry, layer, *broadcast)
     return carry, None
 
 
-class _IndexedBody(nn.Module):
+class _IndexedBody(_GroupBody):
   """One group's P layers, each reading its row of the whole stack.
 
   The stack is a loop-invariant operand (no slice is copied); the row is
   read inside the layer's remat, whose policy never saves it.
   """
-  block: Any
-  cfg: Any
-  windows: tuple[int, ...]
 
-  @nn.compact
-  def __call__(self, carry, layer_P, *broadcast):
-    for p, window in enumerate(self.windows):
-      layer = jax.tree.map(lambda a, p=p: a[p], layer_P)
-      block = nn.map_variables(
-          self.block, _COLLECTIONS,
-          trans_in_fn=functools.partial(_row_of_stack, layer["row"]))
-      block = nn.remat(block, prevent_cse=False,
-                       policy=_group_policy(self.cfg.remat))
-      carry, _ = block(self.cfg, window, name=f"{_LAYER}{p}")(
-          carry, layer, *broadcast)
-    return carry, None
+  def layer_module(self, layer):
+    block = nn.map_variables(
+        self.block, _COLLECTIONS,
+        trans_in_fn=functools.partial(_row_of_stack, layer["row"]))
+    return nn.remat(block, prevent_cse=False,
+                    policy=_group_policy(self.cfg.remat))
 
 
 class _StackBody(nn.Module):
