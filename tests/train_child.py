@@ -17,7 +17,7 @@ import sys
 import time
 
 from sft_jax import cli as sft_cli
-from sft_jax.train import loop
+from sft_jax.train import host_metrics
 
 
 def main() -> int:
@@ -31,7 +31,7 @@ def main() -> int:
   workdir = train_argv[train_argv.index("--workdir") + 1]
   signum = getattr(signal, f"SIG{args.signal}")
 
-  finish = loop._HostMetrics.finish  # pylint: disable=protected-access
+  finish = host_metrics.HostMetrics.finish
 
   def finish_then_signal(self, step, metrics, *rest):
     out = finish(self, step, metrics, *rest)
@@ -44,7 +44,7 @@ def main() -> int:
       os.kill(os.getpid(), signum)
     return out
 
-  loop._HostMetrics.finish = finish_then_signal  # pylint: disable=protected-access
+  host_metrics.HostMetrics.finish = finish_then_signal
   return sft_cli.main(["train", *train_argv])
 
 
