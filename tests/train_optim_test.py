@@ -1,4 +1,6 @@
-"""adamw with bfloat16-stored moments (optim.moment_dtype): half the state,
+"""The optimizers, their schedules and weight-decay masks.
+
+adamw with bfloat16-stored moments (optim.moment_dtype): half the state,
 the same trajectory as float32 moments to bf16 rounding."""
 
 import jax
@@ -9,6 +11,7 @@ import pytest
 
 from sft_jax.train import config as config_lib
 from sft_jax.train import optim
+from sft_jax.train import partition
 
 
 def _tx(moment_dtype):
@@ -57,3 +60,54 @@ def test_bf16_moments_halve_the_state_and_follow_float32_adamw():
 def test_moment_dtype_is_checked():
   with pytest.raises(ValueError, match="optim.moment_dtype"):
     _tx("float16")
+
+
+def _cfg(*overrides):
+  return config_lib.load_config("configs/tiny.py", list(overrides))
+
+
+def test_weight_decay_mask_by_path():
+  tree = {"embedder": {"embedding": 0}, "layers": {
+      "attn": {"q_proj": {"kernel": 0, "bias": 0}},
+      "input_norm": {"scale": 0}}}
+  assert partition.flat(optim.weight_decay_mask(tree, r"norm|bias|embed")) == {
+      "embedder/embedding": False, "layers/attn/q_proj/kernel": True,
+      "layers/attn/q_proj/bias": False, "layers/input_norm/scale": False}
+
+
+def test_schedule_warmup_then_decay():
+  cfg = _cfg("--config.optim.lr=1e-3", "--config.optim.warmup_steps=4",
+             "--config.optim.end_lr_ratio=0.1", "--config.train.steps=44")
+  values = {}
+  for name in ("cosine", "linear", "constant"):
+    config_lib.set_override(cfg, "optim.schedule", name)
+    sched = optim.schedule(cfg.optim, cfg.train.steps)
+    values[name] = [float(sched(s)) for s in (0, 2, 4, 24, 44)]
+  np.testing.assert_allclose(values["cosine"],
+                             [0, 5e-4, 1e-3, 5.5e-4, 1e-4], rtol=1e-5)
+  np.testing.assert_allclose(values["linear"],
+                             [0, 5e-4, 1e-3, 5.5e-4, 1e-4], rtol=1e-5)
+  np.testing.assert_allclose(values["constant"],
+                             [0, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "lion", "adafactor"])
+def test_optimizers_minimise_a_quadratic(name):
+  cfg = _cfg(f"--config.optim.name={name}", "--config.optim.lr=0.05",
+             "--config.optim.weight_decay=0.01", "--config.optim.clip_norm=1")
+  params = {"w": {"kernel": jnp.ones((4, 3))}, "norm": {"scale": jnp.ones(3)}}
+  tx = optim.make_optimizer(cfg.optim, 100, optim.weight_decay_mask(
+      params, cfg.optim.wd_exclude))
+  loss = lambda p: sum(jnp.sum(jnp.square(x - 0.5)) for x in
+                       jax.tree.leaves(p))
+
+  @jax.jit
+  def run(params):
+    def body(_, carry):
+      params, opt_state = carry
+      updates, opt_state = tx.update(jax.grad(loss)(params), opt_state,
+                                     params)
+      return optax.apply_updates(params, updates), opt_state
+    return jax.lax.fori_loop(0, 20, body, (params, tx.init(params)))[0]
+
+  assert float(loss(run(params))) < 0.7 * float(loss(params))

@@ -1,4 +1,4 @@
-"""The train step: loss, accumulation, methods, optimizer, compile-once.
+"""The train step: loss, accumulation, methods, compile-once.
 
 All on one CPU device with the tiny float32 config; mesh invariance is in
 sharding_test.py.
@@ -11,7 +11,6 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from sft_jax import models
@@ -19,7 +18,6 @@ from sft_jax.data import config as data_config
 from sft_jax.train import bench
 from sft_jax.train import config as config_lib
 from sft_jax.train import loss as loss_lib
-from sft_jax.train import optim
 from sft_jax.train import partition
 from sft_jax.train import sharding
 from sft_jax.train import model_setup
@@ -383,53 +381,6 @@ def test_nonfinite_update_is_skipped_when_configured(decay_and_skip):
   jax.tree.map(np.testing.assert_array_equal,
                _host((new.trainable, new.opt_state)), before)
   assert int(new.step) == 1
-
-
-def test_weight_decay_mask_by_path():
-  tree = {"embedder": {"embedding": 0}, "layers": {
-      "attn": {"q_proj": {"kernel": 0, "bias": 0}},
-      "input_norm": {"scale": 0}}}
-  assert partition.flat(optim.weight_decay_mask(tree, r"norm|bias|embed")) == {
-      "embedder/embedding": False, "layers/attn/q_proj/kernel": True,
-      "layers/attn/q_proj/bias": False, "layers/input_norm/scale": False}
-
-
-def test_schedule_warmup_then_decay():
-  cfg = _cfg("--config.optim.lr=1e-3", "--config.optim.warmup_steps=4",
-             "--config.optim.end_lr_ratio=0.1", "--config.train.steps=44")
-  values = {}
-  for name in ("cosine", "linear", "constant"):
-    config_lib.set_override(cfg, "optim.schedule", name)
-    sched = optim.schedule(cfg.optim, cfg.train.steps)
-    values[name] = [float(sched(s)) for s in (0, 2, 4, 24, 44)]
-  np.testing.assert_allclose(values["cosine"],
-                             [0, 5e-4, 1e-3, 5.5e-4, 1e-4], rtol=1e-5)
-  np.testing.assert_allclose(values["linear"],
-                             [0, 5e-4, 1e-3, 5.5e-4, 1e-4], rtol=1e-5)
-  np.testing.assert_allclose(values["constant"],
-                             [0, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-5)
-
-
-@pytest.mark.parametrize("name", ["adamw", "sgd", "lion", "adafactor"])
-def test_optimizers_minimise_a_quadratic(name):
-  cfg = _cfg(f"--config.optim.name={name}", "--config.optim.lr=0.05",
-             "--config.optim.weight_decay=0.01", "--config.optim.clip_norm=1")
-  params = {"w": {"kernel": jnp.ones((4, 3))}, "norm": {"scale": jnp.ones(3)}}
-  tx = optim.make_optimizer(cfg.optim, 100, optim.weight_decay_mask(
-      params, cfg.optim.wd_exclude))
-  loss = lambda p: sum(jnp.sum(jnp.square(x - 0.5)) for x in
-                       jax.tree.leaves(p))
-
-  @_jit
-  def run(params):
-    def body(_, carry):
-      params, opt_state = carry
-      updates, opt_state = tx.update(jax.grad(loss)(params), opt_state,
-                                     params)
-      return optax.apply_updates(params, updates), opt_state
-    return jax.lax.fori_loop(0, 20, body, (params, tx.init(params)))[0]
-
-  assert float(loss(run(params))) < 0.7 * float(loss(params))
 
 
 def test_bench_prints_consistent_figures(tmp_path, capsys):
