@@ -62,13 +62,18 @@ def check_safetensors(path: str, what: str = "model") -> dict:
   return header
 
 
+def _local_path(path: str) -> str | None:
+  """The expanded local path a setting names; None for "" or a hub id."""
+  return os.path.expanduser(path) if path and _looks_local(path) else None
+
+
 def check_model_dir(path: str, key: str = "model.path",
                     what: str = "model") -> None:
   """A local HF checkpoint directory: it exists, config.json parses, every
   safetensors file is complete. Hub ids pass (the hub client checks them)."""
-  if not path or not _looks_local(path):
+  local = _local_path(path)
+  if local is None:
     return
-  local = os.path.expanduser(path)
   if not os.path.exists(local):
     raise errors.UserError(
         f"{key}={path}: no such directory; give an HF checkpoint directory "
@@ -91,9 +96,9 @@ def check_model_dir(path: str, key: str = "model.path",
 
 def check_tokenizer_source(path: str, key: str) -> None:
   """A local tokenizer directory exists (hub ids are left to the hub)."""
-  if not path or not _looks_local(path):
+  local = _local_path(path)
+  if local is None:
     return
-  local = os.path.expanduser(path)
   if not os.path.isdir(local):
     raise errors.UserError(
         f"{key}={path}: no such directory; give a tokenizer directory or a "
