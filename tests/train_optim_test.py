@@ -29,6 +29,11 @@ def _run(moment_dtype, steps=30):
   target = jax.random.normal(jax.random.key(0), (64, 32))
   loss = lambda p: (jnp.sum(jnp.square(p["w"]["kernel"] - target))
                     + jnp.sum(jnp.square(p["norm"]["scale"] - 0.5)))
+  return _minimise(tx, loss, params, steps)
+
+
+def _minimise(tx, loss, params, steps):
+  """(params, optimizer state) after `steps` updates of `tx` on `loss`."""
 
   @jax.jit
   def run(params):
@@ -100,14 +105,5 @@ def test_optimizers_minimise_a_quadratic(name):
       params, cfg.optim.wd_exclude))
   loss = lambda p: sum(jnp.sum(jnp.square(x - 0.5)) for x in
                        jax.tree.leaves(p))
-
-  @jax.jit
-  def run(params):
-    def body(_, carry):
-      params, opt_state = carry
-      updates, opt_state = tx.update(jax.grad(loss)(params), opt_state,
-                                     params)
-      return optax.apply_updates(params, updates), opt_state
-    return jax.lax.fori_loop(0, 20, body, (params, tx.init(params)))[0]
-
-  assert float(loss(run(params))) < 0.7 * float(loss(params))
+  final, _ = _minimise(tx, loss, params, 20)
+  assert float(loss(final)) < 0.7 * float(loss(params))
