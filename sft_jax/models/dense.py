@@ -40,7 +40,11 @@ def _matmul_bwd(out_dtype, residuals, g_BxTxO):
   del out_dtype
   x_BxTxI, w_IxO = residuals
   dx_BxTxI = jnp.einsum("bto,io->bti", g_BxTxO, w_IxO)
-  dw_IxO = jnp.einsum("bti,bto->io", x_BxTxI, g_BxTxO)
+  # Over [tokens, features] views: XLA:CPU runs the 3-D contraction over
+  # (b, t) 25-30% slower, and fuses its operand transpose worse.
+  dw_IxO = jax.lax.dot_general(
+      x_BxTxI.reshape(-1, x_BxTxI.shape[-1]),
+      g_BxTxO.reshape(-1, g_BxTxO.shape[-1]), (((0,), (0,)), ((), ())))
   return dx_BxTxI.astype(x_BxTxI.dtype), dw_IxO.astype(w_IxO.dtype)
 
 

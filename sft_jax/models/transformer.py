@@ -132,16 +132,26 @@ class _RMSNorm(nn.Module):
     return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def _rope(x_BxTxHxK, positions_BxT, inv_freq_K2):
-  """Rotary embedding, rotate-half layout, angles in float32."""
+def _rope_tables(positions_BxT, inv_freq_K2, dtype):
+  """cos and sin of the rotary angles [B, T, 1, K/2] (computed in float32).
+
+  Materialised once per layer: left to fusion, XLA recomputes the sine and
+  cosine for every head of q and k, in the forward and again in the
+  backward pass (on CPU that cost more than the projections' elementwise
+  work).
+  """
   angles_BxTxK2 = (positions_BxT[:, :, None].astype(jnp.float32)
                    * inv_freq_K2[None, None, :])
-  angles_BxTxK = jnp.concatenate([angles_BxTxK2, angles_BxTxK2], axis=-1)
-  cos = jnp.cos(angles_BxTxK)[:, :, None, :].astype(x_BxTxHxK.dtype)
-  sin = jnp.sin(angles_BxTxK)[:, :, None, :].astype(x_BxTxHxK.dtype)
+  cos, sin = jax.lax.optimization_barrier(
+      (jnp.cos(angles_BxTxK2), jnp.sin(angles_BxTxK2)))
+  return cos[:, :, None, :].astype(dtype), sin[:, :, None, :].astype(dtype)
+
+
+def _rope(x_BxTxHxK, cos_BxTx1xK2, sin_BxTx1xK2):
+  """Rotary embedding, rotate-half layout."""
   x1, x2 = jnp.split(x_BxTxHxK, 2, axis=-1)
-  rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return x_BxTxHxK * cos + rotated * sin
+  return jnp.concatenate([x1 * cos_BxTx1xK2 - x2 * sin_BxTx1xK2,
+                          x2 * cos_BxTx1xK2 + x1 * sin_BxTx1xK2], axis=-1)
 
 
 class _Attention(nn.Module):
@@ -166,8 +176,9 @@ class _Attention(nn.Module):
     if cfg.qk_norm:
       q_BxTxHxK = _RMSNorm(cfg, name="q_norm")(q_BxTxHxK)
       k_BxTxNxK = _RMSNorm(cfg, name="k_norm")(k_BxTxNxK)
-    q_BxTxHxK = _rope(q_BxTxHxK, positions_BxT, layer["inv_freq"])
-    k_BxTxNxK = _rope(k_BxTxNxK, positions_BxT, layer["inv_freq"])
+    cos_sin = _rope_tables(positions_BxT, layer["inv_freq"], q_BxTxHxK.dtype)
+    q_BxTxHxK = _rope(q_BxTxHxK, *cos_sin)
+    k_BxTxNxK = _rope(k_BxTxNxK, *cos_sin)
     if kv_cache is None:
       new_cache, mode = None, "train"
       k_all, v_all = k_BxTxNxK, v_BxTxNxK
