@@ -141,6 +141,16 @@ def _block_vjp_bwd(softcap, scale, residuals, dout_BxNxMxK):
 _block.defvjp(_block_vjp_fwd, _block_vjp_bwd)
 
 
+def _join(blocks_BxNxCxK, chunk: int, lo: int, hi: int):
+  """Keys [lo, hi) of the key blocks (each `chunk` long), joined on axis 2."""
+  pieces = []
+  for j in range(lo // chunk, -(-hi // chunk)):
+    a, z = max(lo, j * chunk) - j * chunk, min(hi, (j + 1) * chunk) - j * chunk
+    x = blocks_BxNxCxK[j]
+    pieces.append(x if (a, z) == (0, chunk) else x[:, :, a:z])
+  return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=2)
+
+
 def xla_chunked(q_BxTxHxK, k_BxSxNxK, v_BxSxNxK, q_pos_BxT, q_seg_BxT,
                 kv_pos_BxS, kv_seg_BxS, *, window, softcap, scale, mode):
   """Blockwise attention; same numbers as attention.reference."""
@@ -163,6 +173,18 @@ def xla_chunked(q_BxTxHxK, k_BxSxNxK, v_BxSxNxK, q_pos_BxT, q_seg_BxT,
   q_BxNxGxTxK = q_BxTxHxK.reshape(b, tp, n, g, d).transpose(0, 2, 3, 1, 4)
   k_BxNxSxK, v_BxNxSxK = (x.transpose(0, 2, 1, 3) for x in (k_BxSxNxK,
                                                            v_BxSxNxK))
+  # Blocks by split, each block's keys joined from the key blocks: the
+  # gradients are then concatenates and block-sized sums. Slicing the full
+  # tensors instead differentiates into one zero-padded full-length dq / dk
+  # / dv per block, all summed.
+  q_blocks = jnp.split(q_BxNxGxTxK, blocks, axis=3)
+  if mode == "train":
+    k_blocks, v_blocks = (jnp.split(x, blocks, axis=2)
+                          for x in (k_BxNxSxK, v_BxNxSxK))
+    keys_of = lambda x_blocks, lo, hi: _join(x_blocks, chunk, lo, hi)
+  else:  # every query block sees all S keys
+    keys_of = lambda x, lo, hi: x
+    k_blocks, v_blocks = k_BxNxSxK, v_BxNxSxK
   outs = []
   for i in range(blocks):
     rows = slice(i * chunk, (i + 1) * chunk)
@@ -171,9 +193,9 @@ def xla_chunked(q_BxTxHxK, k_BxSxNxK, v_BxSxNxK, q_pos_BxT, q_seg_BxT,
     mask_BxCxS = attention_lib.attention_mask(
         q_ord[:, rows], q_seg_BxT[:, rows], kv_ord[:, keys],
         kv_seg_BxS[:, keys], window)
-    q_BxNxMxK = q_BxNxGxTxK[:, :, :, rows].reshape(b, n, g * chunk, d)
-    out = _block(q_BxNxMxK, k_BxNxSxK[:, :, keys], v_BxNxSxK[:, :, keys],
-                 mask_BxCxS, softcap, scale)
+    q_BxNxMxK = q_blocks[i].reshape(b, n, g * chunk, d)
+    out = _block(q_BxNxMxK, keys_of(k_blocks, lo, hi),
+                 keys_of(v_blocks, lo, hi), mask_BxCxS, softcap, scale)
     outs.append(out.reshape(b, n, g, chunk, d))
   out_BxNxGxTxK = outs[0] if blocks == 1 else jnp.concatenate(outs, axis=3)
   return out_BxNxGxTxK.transpose(0, 3, 1, 2, 4).reshape(b, tp, h, d)[:, :t]

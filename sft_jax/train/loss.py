@@ -118,22 +118,24 @@ def _weighted_ce_scan(hidden_BxTxD, w_DxV, targets_BxT, nll_weight_BxT,
       logits_BxCxV = f(h_BxCxD, w_DxV)
     # Few passes over the [B, C, V] logits, none materialising a one-hot
     # (on CPU each pass costs about as much as a quarter of the matmul):
-    # max, then sum(exp) and the first index holding the max (= argmax,
-    # without its slow variadic reduce), the target logit by a gather.
+    # max, then sum(exp), the target logit by a gather, and argmax == target
+    # as "the target holds the max and no earlier id does" (a float sum,
+    # much cheaper on CPU than argmax's variadic reduce or an int min).
     v_BxCxV = jax.lax.broadcasted_iota(jnp.int32, logits_BxCxV.shape, 2)
     max_BxC = jax.lax.stop_gradient(jnp.max(logits_BxCxV, axis=-1))
     max_BxC = jnp.where(jnp.isfinite(max_BxC), max_BxC, 0.0)
     exp_BxCxV = jnp.exp(logits_BxCxV - max_BxC[..., None])
     sum_BxC = jnp.sum(exp_BxCxV, axis=-1)
     log_z_BxC = jnp.log(sum_BxC) + max_BxC
-    first_max_BxC = jnp.min(
-        jnp.where(logits_BxCxV == max_BxC[..., None], v_BxCxV,
-                  logits_BxCxV.shape[-1]), axis=-1)
     target_logit_BxC = jnp.take_along_axis(
         logits_BxCxV, t_BxC[..., None], axis=-1)[..., 0]
     nll_BxC = log_z_BxC - target_logit_BxC
     loss = jnp.sum(nll_BxC * nw_BxC + jnp.square(log_z_BxC) * zw_BxC)
-    correct_BxC = (first_max_BxC == t_BxC).astype(jnp.float32)
+    earlier_max_BxC = jnp.sum(jnp.where(
+        (logits_BxCxV == max_BxC[..., None]) & (v_BxCxV < t_BxC[..., None]),
+        1.0, 0.0), axis=-1)
+    correct_BxC = ((target_logit_BxC == max_BxC)
+                   & (earlier_max_BxC == 0)).astype(jnp.float32)
     out = (loss, nll_BxC, log_z_BxC, correct_BxC)
     if not with_grads:
       return dw_DxV, out
