@@ -206,6 +206,37 @@ class _Attention(nn.Module):
     return checkpoint_name(out, "out_proj"), new_cache
 
 
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gated(activation, gate_BxTxF, up_BxTxF):
+  """activation(gate) * up, saving only gate and up for the backward pass.
+
+  Left to autodiff, the activation's intermediates (sigmoid, silu(gate)) are
+  saved and each backward term is its own pass; here the backward pass
+  recomputes the activation inside one elementwise pass.
+  """
+  return _ACTIVATIONS[activation](gate_BxTxF) * up_BxTxF
+
+
+def _gated_fwd(activation, gate_BxTxF, up_BxTxF):
+  return _gated(activation, gate_BxTxF, up_BxTxF), (gate_BxTxF, up_BxTxF)
+
+
+def _gated_bwd(activation, residuals, d_BxTxF):
+  gate_BxTxF, up_BxTxF = residuals
+  act_BxTxF, act_vjp = jax.vjp(_ACTIVATIONS[activation], gate_BxTxF)
+  return act_vjp(d_BxTxF * up_BxTxF)[0], d_BxTxF * act_BxTxF
+
+
+_gated.defvjp(_gated_fwd, _gated_bwd)
+
+
 class _Mlp(nn.Module):
   cfg: ModelConfig
 
@@ -219,13 +250,9 @@ class _Mlp(nn.Module):
     up = checkpoint_name(constrain(
         _Dense(cfg, f, cfg.mlp_bias, name="up_proj")(x_BxTxD), _BTF),
                          "mlpwi_1")
-    if cfg.activation == "silu":
-      gate = jax.nn.silu(gate)
-    else:
-      gate = jax.nn.gelu(gate, approximate=cfg.activation == "gelu_tanh")
     return checkpoint_name(
         _Dense(cfg, cfg.hidden_size, cfg.mlp_bias, name="down_proj")(
-            gate * up), "mlpwo")
+            _gated(cfg.activation, gate, up)), "mlpwo")
 
 
 class _Block(nn.Module):
