@@ -20,6 +20,7 @@ C = positions per chunk, K = chunks, S = data sources.
 """
 
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -100,6 +101,42 @@ def _unchunked(x_KxBxC_, t):
   return x.reshape((x.shape[0], -1) + x.shape[3:])[:, :t]
 
 
+def _max_and_correct(logits_BxCxV, t_BxC, target_logit_BxC):
+  """(max over V, 1.0 where argmax == target else 0.0), in one pass.
+
+  argmax (the first id holding the max) is the target iff the target holds
+  the max and no earlier id does. The pass is a max over blocks of ids;
+  "no earlier id" then reads only the block maxima and the target's block.
+  That is much cheaper on CPU than argmax's variadic reduce, or than a
+  second full pass (an int min, or a count of earlier maxima).
+  """
+  b, c, v = logits_BxCxV.shape
+  block = math.gcd(v, 128)
+  if block < 16:  # no usable block size: count earlier maxima instead
+    max_BxC = jnp.max(logits_BxCxV, axis=-1)
+    v_BxCxV = jax.lax.broadcasted_iota(jnp.int32, logits_BxCxV.shape, 2)
+    earlier_BxC = jnp.any((logits_BxCxV == max_BxC[..., None])
+                          & (v_BxCxV < t_BxC[..., None]), axis=-1)
+  else:
+    logits_BxCxNxL = logits_BxCxV.reshape(b, c, v // block, block)
+    block_max_BxCxN = jnp.max(logits_BxCxNxL, axis=-1)
+    max_BxC = jnp.max(block_max_BxCxN, axis=-1)
+    t_block_BxC, t_offset_BxC = t_BxC // block, t_BxC % block
+    n_BxCxN = jax.lax.broadcasted_iota(jnp.int32, block_max_BxCxN.shape, 2)
+    earlier_block_BxC = jnp.any(
+        (block_max_BxCxN == max_BxC[..., None])
+        & (n_BxCxN < t_block_BxC[..., None]), axis=-1)
+    t_ids_BxCxL = jnp.take_along_axis(
+        logits_BxCxNxL, t_block_BxC[..., None, None], axis=2)[..., 0, :]
+    l_BxCxL = jax.lax.broadcasted_iota(jnp.int32, t_ids_BxCxL.shape, 2)
+    earlier_BxC = earlier_block_BxC | jnp.any(
+        (t_ids_BxCxL == max_BxC[..., None])
+        & (l_BxCxL < t_offset_BxC[..., None]), axis=-1)
+  correct_BxC = (jnp.isfinite(max_BxC) & (target_logit_BxC == max_BxC)
+                 & ~earlier_BxC)
+  return max_BxC, correct_BxC.astype(jnp.float32)
+
+
 def _weighted_ce_scan(hidden_BxTxD, w_DxV, targets_BxT, nll_weight_BxT,
                       z_weight_BxT, logits_fn, chunk, with_grads):
   b, t, _ = hidden_BxTxD.shape
@@ -118,24 +155,19 @@ def _weighted_ce_scan(hidden_BxTxD, w_DxV, targets_BxT, nll_weight_BxT,
       logits_BxCxV = f(h_BxCxD, w_DxV)
     # Few passes over the [B, C, V] logits, none materialising a one-hot
     # (on CPU each pass costs about as much as a quarter of the matmul):
-    # max, then sum(exp), the target logit by a gather, and argmax == target
-    # as "the target holds the max and no earlier id does" (a float sum,
-    # much cheaper on CPU than argmax's variadic reduce or an int min).
+    # the max (with what argmax == target needs), then sum(exp), the target
+    # logit by a gather.
     v_BxCxV = jax.lax.broadcasted_iota(jnp.int32, logits_BxCxV.shape, 2)
-    max_BxC = jax.lax.stop_gradient(jnp.max(logits_BxCxV, axis=-1))
+    target_logit_BxC = jnp.take_along_axis(
+        logits_BxCxV, t_BxC[..., None], axis=-1)[..., 0]
+    max_BxC, correct_BxC = _max_and_correct(jax.lax.stop_gradient(
+        logits_BxCxV), t_BxC, jax.lax.stop_gradient(target_logit_BxC))
     max_BxC = jnp.where(jnp.isfinite(max_BxC), max_BxC, 0.0)
     exp_BxCxV = jnp.exp(logits_BxCxV - max_BxC[..., None])
     sum_BxC = jnp.sum(exp_BxCxV, axis=-1)
     log_z_BxC = jnp.log(sum_BxC) + max_BxC
-    target_logit_BxC = jnp.take_along_axis(
-        logits_BxCxV, t_BxC[..., None], axis=-1)[..., 0]
     nll_BxC = log_z_BxC - target_logit_BxC
     loss = jnp.sum(nll_BxC * nw_BxC + jnp.square(log_z_BxC) * zw_BxC)
-    earlier_max_BxC = jnp.sum(jnp.where(
-        (logits_BxCxV == max_BxC[..., None]) & (v_BxCxV < t_BxC[..., None]),
-        1.0, 0.0), axis=-1)
-    correct_BxC = ((target_logit_BxC == max_BxC)
-                   & (earlier_max_BxC == 0)).astype(jnp.float32)
     out = (loss, nll_BxC, log_z_BxC, correct_BxC)
     if not with_grads:
       return dw_DxV, out
