@@ -179,7 +179,8 @@ def _timed(fn):
 
 
 def _spread(xs):
-  q = statistics.quantiles(xs, n=4) if len(xs) > 1 else xs * 3
+  q = (statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1
+       else xs * 3)
   return [round(x, 3) for x in (min(xs), q[0], q[2], max(xs))]
 
 
