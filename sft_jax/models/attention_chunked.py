@@ -8,9 +8,10 @@ causality) is static:
 
 so a causal layer computes about half of T x S and a sliding-window layer
 about (C + window) x T (Gemma-3's 512 window at 4096 tokens, C = 512: 42%
-of the causal work, 12% of dense). Each block has a flash-attention style
-custom VJP: only its output and softmax row max/sum are saved, the backward
-pass recomputes its logits, so peak memory is one [B, N, G * C, S_i] block.
+of the causal work, 12% of dense). The layer has one flash-attention style
+custom VJP: only q, k, v, the output and each block's softmax row max and
+sum are saved; the backward pass rebuilds each block's mask and logits, so
+peak memory is one [B, N, G * C, S_i] block.
 
 Any T works: queries (and, in train mode, keys) are padded to a multiple of C
 with segment 0, which no real query sees, and the padded rows are dropped.
@@ -19,6 +20,7 @@ block sees all S keys. A traced window cannot skip either.
 """
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,28 +89,15 @@ def _block_fwd(q_BxNxMxK, k_BxNxSxK, v_BxNxSxK, mask_BxCxS, softcap, scale):
   return out_BxNxMxK.astype(q_BxNxMxK.dtype), (max_BxNxM, sum_BxNxM)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _block(q_BxNxMxK, k_BxNxSxK, v_BxNxSxK, mask_BxCxS, softcap, scale):
-  """One query block over its keys: softmax(mask(q k^T)) v, [B, N, M, K].
+def _block_grads(q, k, v, mask_BxCxS, out, max_BxNxM, sum_BxNxM,
+                 dout_BxNxMxK, softcap, scale):
+  """(dq, dk, dv) of one block: the flash-attention backward.
 
-  The backward pass is the flash-attention one: it recomputes the logits
-  from q and k, rebuilds the probabilities in one elementwise pass from the
-  saved row max and sum, and never differentiates through max/sum/divide.
-  Only the block's output and the row max and sum [B, N, M] are saved (not
-  log-sum-exp: a row with no visible key has max -0.7 * float32 max, which
-  absorbs log(S)).
+  It recomputes the logits from q and k, rebuilds the probabilities in one
+  elementwise pass from the saved row max and sum, and never differentiates
+  through max/sum/divide. (Not log-sum-exp: a row with no visible key has
+  max -0.7 * float32 max, which absorbs log(S).)
   """
-  return _block_fwd(q_BxNxMxK, k_BxNxSxK, v_BxNxSxK, mask_BxCxS, softcap,
-                    scale)[0]
-
-
-def _block_vjp_fwd(q, k, v, mask, softcap, scale):
-  out, (row_max, row_sum) = _block_fwd(q, k, v, mask, softcap, scale)
-  return out, (q, k, v, mask, out, row_max, row_sum)
-
-
-def _block_vjp_bwd(softcap, scale, residuals, dout_BxNxMxK):
-  q, k, v, mask_BxCxS, out, max_BxNxM, sum_BxNxM = residuals
   visible_Bx1xMxS = _visible(mask_BxCxS, q.shape[2] // mask_BxCxS.shape[1])
   s = _logits(q, k, softcap, scale)
   p_BxNxMxS = jnp.exp(jnp.where(visible_Bx1xMxS, s, attention_lib.MASKED)
@@ -134,21 +123,111 @@ def _block_vjp_bwd(softcap, scale, residuals, dout_BxNxMxK):
   q_BxNxKxM = jnp.swapaxes(q, 2, 3).astype(jnp.float32)
   dk_BxNxKxS = _barrier(jnp.einsum("bnkm,bnms->bnks", q_BxNxKxM,
                                     ds_BxNxMxS))
-  return (dq.astype(q.dtype), jnp.swapaxes(dk_BxNxKxS, 2, 3).astype(k.dtype),
-          jnp.swapaxes(dv_BxNxKxS, 2, 3).astype(v.dtype), None)
+  return dq, jnp.swapaxes(dk_BxNxKxS, 2, 3), jnp.swapaxes(dv_BxNxKxS, 2, 3)
 
 
-_block.defvjp(_block_vjp_fwd, _block_vjp_bwd)
+class _Plan(NamedTuple):
+  """What `_attend` needs to know statically."""
+  blocks: int
+  chunk: int
+  window: Any  # static int, None, or "traced" (passed as an operand)
+  softcap: Any
+  scale: float
+  train: bool  # keys are the queries' tokens (static key ranges)
 
 
-def _join(blocks_BxNxCxK, chunk: int, lo: int, hi: int):
-  """Keys [lo, hi) of the key blocks (each `chunk` long), joined on axis 2."""
-  pieces = []
-  for j in range(lo // chunk, -(-hi // chunk)):
-    a, z = max(lo, j * chunk) - j * chunk, min(hi, (j + 1) * chunk) - j * chunk
-    x = blocks_BxNxCxK[j]
-    pieces.append(x if (a, z) == (0, chunk) else x[:, :, a:z])
-  return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=2)
+def _keys(plan: _Plan, block: int, s: int) -> tuple[int, int]:
+  if not plan.train:
+    return 0, s
+  window = plan.window if isinstance(plan.window, int) else None
+  return key_range(block, plan.chunk, window, s)
+
+
+def _masks(plan, q_ord, q_seg, kv_ord, kv_seg, window):
+  """Per block: (rows, (lo, hi), its [B, C, hi - lo] mask)."""
+  window = window if plan.window == "traced" else plan.window
+  out = []
+  for i in range(plan.blocks):
+    rows = slice(i * plan.chunk, (i + 1) * plan.chunk)
+    lo, hi = _keys(plan, i, kv_ord.shape[1])
+    out.append((rows, (lo, hi), attention_lib.attention_mask(
+        q_ord[:, rows], q_seg[:, rows], kv_ord[:, lo:hi], kv_seg[:, lo:hi],
+        window)))
+  return out
+
+
+def _as_blocks(plan, x_BxNxGxTxK):
+  """[B, N, G, T, K] -> per block [B, N, M, K] (M = G * C)."""
+  b, n, g, _, d = x_BxNxGxTxK.shape
+  return [x.reshape(b, n, g * plan.chunk, d)
+          for x in jnp.split(x_BxNxGxTxK, plan.blocks, axis=3)]
+
+
+def _attend_fwd(plan, q_BxNxGxTxK, k_BxNxSxK, v_BxNxSxK, q_ord, q_seg,
+                kv_ord, kv_seg, window):
+  b, n, g, _, d = q_BxNxGxTxK.shape
+  outs, stats = [], []
+  for q, (_, (lo, hi), mask) in zip(
+      _as_blocks(plan, q_BxNxGxTxK),
+      _masks(plan, q_ord, q_seg, kv_ord, kv_seg, window)):
+    out, row_stats = _block_fwd(q, k_BxNxSxK[:, :, lo:hi],
+                                v_BxNxSxK[:, :, lo:hi], mask, plan.softcap,
+                                plan.scale)
+    outs.append(out.reshape(b, n, g, plan.chunk, d))
+    stats.append(row_stats)
+  out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+  # Saved: the operands, the output and two [B, N, M] rows per block; each
+  # block's keys and mask are sliced or rebuilt again in the backward pass.
+  return out, (q_BxNxGxTxK, k_BxNxSxK, v_BxNxSxK, q_ord, q_seg, kv_ord,
+               kv_seg, window, out, stats)
+
+
+def _attend_bwd(plan, residuals, dout_BxNxGxTxK):
+  q_all, k_all, v_all, q_ord, q_seg, kv_ord, kv_seg, window, out, stats = (
+      residuals)
+  b, n, g, _, d = q_all.shape
+  s = k_all.shape[2]
+  # Key gradients are summed per key block of `chunk` (train mode: S is a
+  # multiple of it), then joined: no full-length zero-padded copy per block.
+  width = plan.chunk if plan.train else s
+  dk_parts, dv_parts = [None] * (s // width), [None] * (s // width)
+  dqs = []
+  for q, o, do, (max_, sum_), (_, (lo, hi), mask) in zip(
+      _as_blocks(plan, q_all), _as_blocks(plan, out),
+      _as_blocks(plan, dout_BxNxGxTxK), stats,
+      _masks(plan, q_ord, q_seg, kv_ord, kv_seg, window)):
+    dq, dk, dv = _block_grads(q, k_all[:, :, lo:hi], v_all[:, :, lo:hi],
+                              mask, o, max_, sum_, do, plan.softcap,
+                              plan.scale)
+    dqs.append(dq.reshape(b, n, g, plan.chunk, d))
+    for j in range(lo // width, -(-hi // width)):
+      a, z = max(lo, j * width), min(hi, (j + 1) * width)
+      pad = ((0, 0), (0, 0), (a - j * width, (j + 1) * width - z), (0, 0))
+      for parts, grad in ((dk_parts, dk), (dv_parts, dv)):
+        piece = jnp.pad(grad[:, :, a - lo:z - lo], pad)
+        parts[j] = piece if parts[j] is None else parts[j] + piece
+  zeros = jnp.zeros((b, n, width, d), jnp.float32)
+  join = lambda parts: jnp.concatenate(
+      [zeros if p is None else p for p in parts], axis=2)
+  dq = jnp.concatenate(dqs, axis=3) if len(dqs) > 1 else dqs[0]
+  return (dq.astype(q_all.dtype), join(dk_parts).astype(k_all.dtype),
+          join(dv_parts).astype(v_all.dtype), None, None, None, None, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attend(plan, q_BxNxGxTxK, k_BxNxSxK, v_BxNxSxK, q_ord, q_seg, kv_ord,
+            kv_seg, window):
+  """All query blocks, one custom VJP: [B, N, G, T, K] out.
+
+  One VJP for the whole layer (not one per block) saves q, k, v and the
+  output once; per-block VJPs saved each block's slice of the keys (a
+  causal layer: about half of T blocks' worth of copies) and its mask.
+  """
+  return _attend_fwd(plan, q_BxNxGxTxK, k_BxNxSxK, v_BxNxSxK, q_ord, q_seg,
+                     kv_ord, kv_seg, window)[0]
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 def xla_chunked(q_BxTxHxK, k_BxSxNxK, v_BxSxNxK, q_pos_BxT, q_seg_BxT,
@@ -166,38 +245,18 @@ def xla_chunked(q_BxTxHxK, k_BxSxNxK, v_BxSxNxK, q_pos_BxT, q_seg_BxT,
     k_BxSxNxK, v_BxSxNxK, kv_seg_BxS = (
         _pad_to(x, tp) for x in (k_BxSxNxK, v_BxSxNxK, kv_seg_BxS))
     kv_ord = jnp.broadcast_to(jnp.arange(tp, dtype=jnp.int32), (b, tp))
-  s = k_BxSxNxK.shape[1]
-
   n = k_BxSxNxK.shape[2]
   g = h // n
   q_BxNxGxTxK = q_BxTxHxK.reshape(b, tp, n, g, d).transpose(0, 2, 3, 1, 4)
   k_BxNxSxK, v_BxNxSxK = (x.transpose(0, 2, 1, 3) for x in (k_BxSxNxK,
                                                            v_BxSxNxK))
-  # Blocks by split, each block's keys joined from the key blocks: the
-  # gradients are then concatenates and block-sized sums. Slicing the full
-  # tensors instead differentiates into one zero-padded full-length dq / dk
-  # / dv per block, all summed.
-  q_blocks = jnp.split(q_BxNxGxTxK, blocks, axis=3)
-  if mode == "train":
-    k_blocks, v_blocks = (jnp.split(x, blocks, axis=2)
-                          for x in (k_BxNxSxK, v_BxNxSxK))
-    keys_of = lambda x_blocks, lo, hi: _join(x_blocks, chunk, lo, hi)
-  else:  # every query block sees all S keys
-    keys_of = lambda x, lo, hi: x
-    k_blocks, v_blocks = k_BxNxSxK, v_BxNxSxK
-  outs = []
-  for i in range(blocks):
-    rows = slice(i * chunk, (i + 1) * chunk)
-    lo, hi = key_range(i, chunk, window, s) if mode == "train" else (0, s)
-    keys = slice(lo, hi)
-    mask_BxCxS = attention_lib.attention_mask(
-        q_ord[:, rows], q_seg_BxT[:, rows], kv_ord[:, keys],
-        kv_seg_BxS[:, keys], window)
-    q_BxNxMxK = q_blocks[i].reshape(b, n, g * chunk, d)
-    out = _block(q_BxNxMxK, keys_of(k_blocks, lo, hi),
-                 keys_of(v_blocks, lo, hi), mask_BxCxS, softcap, scale)
-    outs.append(out.reshape(b, n, g, chunk, d))
-  out_BxNxGxTxK = outs[0] if blocks == 1 else jnp.concatenate(outs, axis=3)
+  static_window = window is None or isinstance(window, int)
+  plan = _Plan(blocks=blocks, chunk=chunk,
+               window=window if static_window else "traced",
+               softcap=softcap, scale=scale, train=mode == "train")
+  out_BxNxGxTxK = _attend(plan, q_BxNxGxTxK, k_BxNxSxK, v_BxNxSxK, q_ord,
+                          q_seg_BxT, kv_ord, kv_seg_BxS,
+                          None if static_window else window)
   return out_BxNxGxTxK.transpose(0, 3, 1, 2, 4).reshape(b, tp, h, d)[:, :t]
 
 
