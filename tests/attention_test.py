@@ -187,6 +187,23 @@ def test_chunked_skips_invisible_blocks():
   assert attention_chunked.key_range(5, 16, None, 96) == (0, 96)
 
 
+def test_chunked_saves_each_operand_once(monkeypatch):
+  """The backward keeps q, k, v and the output once, plus row statistics.
+
+  Per-block VJPs kept every block's key prefix (1 + 2 + .. + 6 of 6 key
+  blocks: 3.5 copies of k and of v) and its mask.
+  """
+  monkeypatch.setattr(attention_chunked, "_CHUNK", 16)
+  q, k, v, pos, seg = (x[:, :96] for x in packed_batch())
+  out, vjp = jax.vjp(lambda q, k, v: attention_lib.attention(
+      q, k, v, pos, seg, pos, seg, scale=1.0, impl="xla_chunked",
+      mode="train"), q, k, v)
+  saved = sum(x.nbytes for x in jax.tree.leaves(vjp))
+  operands = sum(x.nbytes for x in (q, k, v, out, pos, seg, pos, seg))
+  row_stats = 2 * q.size // K * 4  # max and sum per query row and head
+  assert saved <= operands + row_stats + 4096
+
+
 @pytest.mark.parametrize("window", [None, 9])
 def test_gpu_adapters_give_the_reference_mask(window):
   _, _, _, pos, seg = packed_batch()
