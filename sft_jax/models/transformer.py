@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
+import numpy as np
 
 from sft_jax.models import attention as attention_lib
 from sft_jax.models import dense
@@ -132,19 +133,18 @@ class _RMSNorm(nn.Module):
     return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def _rope_tables(positions_BxT, inv_freq_K2, dtype):
-  """cos and sin of the rotary angles [B, T, 1, K/2] (computed in float32).
+def _rope_tables(positions_BxT, inv_freq_UxK2, dtype):
+  """cos and sin of the rotary angles, [U, B, T, 1, K/2] each.
 
-  Materialised once per layer: left to fusion, XLA recomputes the sine and
-  cosine for every head of q and k, in the forward and again in the
-  backward pass (on CPU that cost more than the projections' elementwise
-  work).
+  One table per distinct inverse-frequency row (Gemma-3's local and global
+  layers differ), computed once for the whole stack in float32 and read by
+  every layer. Inside each layer, XLA would recompute the sine and cosine
+  for every head of q and k (a transcendental per element).
   """
-  angles_BxTxK2 = (positions_BxT[:, :, None].astype(jnp.float32)
-                   * inv_freq_K2[None, None, :])
-  cos, sin = jax.lax.optimization_barrier(
-      (jnp.cos(angles_BxTxK2), jnp.sin(angles_BxTxK2)))
-  return cos[:, :, None, :].astype(dtype), sin[:, :, None, :].astype(dtype)
+  angles_UxBxTxK2 = (positions_BxT[None, :, :, None].astype(jnp.float32)
+                     * inv_freq_UxK2[:, None, None, :])
+  return tuple(f(angles_UxBxTxK2)[:, :, :, None, :].astype(dtype)
+               for f in (jnp.cos, jnp.sin))
 
 
 def _rope(x_BxTxHxK, cos_BxTx1xK2, sin_BxTx1xK2):
@@ -160,7 +160,8 @@ class _Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, layer, positions_BxT, segment_ids_BxT,
-               kv_positions_BxS, kv_segment_ids_BxS, cache_index, kv_cache):
+               kv_positions_BxS, kv_segment_ids_BxS, cache_index, kv_cache,
+               rope_tables):
     cfg = self.cfg
     b, t, _ = x_BxTxD.shape
     h, n, k = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -176,9 +177,10 @@ class _Attention(nn.Module):
     if cfg.qk_norm:
       q_BxTxHxK = _RMSNorm(cfg, name="q_norm")(q_BxTxHxK)
       k_BxTxNxK = _RMSNorm(cfg, name="k_norm")(k_BxTxNxK)
-    cos_sin = _rope_tables(positions_BxT, layer["inv_freq"], q_BxTxHxK.dtype)
-    q_BxTxHxK = _rope(q_BxTxHxK, *cos_sin)
-    k_BxTxNxK = _rope(k_BxTxNxK, *cos_sin)
+    cos_sin = tuple(t[0] if t.shape[0] == 1 else t[layer["rope"]]
+                    for t in rope_tables)
+    q_BxTxHxK = _rope(q_BxTxHxK, *cos_sin).astype(q_BxTxHxK.dtype)
+    k_BxTxNxK = _rope(k_BxTxNxK, *cos_sin).astype(k_BxTxNxK.dtype)
     if kv_cache is None:
       new_cache, mode = None, "train"
       k_all, v_all = k_BxTxNxK, v_BxTxNxK
@@ -262,14 +264,15 @@ class _Block(nn.Module):
 
   @nn.compact
   def __call__(self, carry, layer, positions_BxT, segment_ids_BxT,
-               kv_positions_BxS, kv_segment_ids_BxS, cache_index):
+               kv_positions_BxS, kv_segment_ids_BxS, cache_index,
+               rope_tables):
     cfg = self.cfg
     x_BxTxD, kv_cache = carry
     x_BxTxD = checkpoint_name(constrain(x_BxTxD, _BTD), remat_lib.LAYER_INPUT)
     h = _RMSNorm(cfg, name="input_norm")(x_BxTxD)
     h, new_cache = _Attention(cfg, self.window, name="attn")(
         h, layer, positions_BxT, segment_ids_BxT, kv_positions_BxS,
-        kv_segment_ids_BxS, cache_index, kv_cache)
+        kv_segment_ids_BxS, cache_index, kv_cache, rope_tables)
     if cfg.post_norms:
       h = _RMSNorm(cfg, name="post_attn_norm")(h)
     x_BxTxD = x_BxTxD + h
@@ -381,8 +384,12 @@ class Transformer(nn.Module):
 
     embedder = _Embed(cfg, name="embedder")
     x_BxTxD = constrain(embedder(tokens_BxT), _BTD)
+    inv_freq_UxK2, rope_rows = np.unique(cfg.layer_inv_freq(), axis=0,
+                                         return_inverse=True)
+    rope_tables = _rope_tables(positions_BxT, jnp.asarray(inv_freq_UxK2),
+                               jnp.dtype(cfg.dtype))
     layer_inputs = {"index": jnp.arange(cfg.num_layers, dtype=jnp.int32),
-                    "inv_freq": jnp.asarray(cfg.layer_inv_freq())}
+                    "rope": jnp.asarray(rope_rows.reshape(-1), jnp.int32)}
     if cfg.remat not in remat_lib.POLICIES:
       remat_lib.policy(cfg.remat)  # raises the unknown-policy error
 
@@ -395,7 +402,7 @@ class Transformer(nn.Module):
           init=self.is_initializing())
       return stack(carry, jax.tree.map(lambda a: a[lo:hi], layer_inputs),
                    positions_BxT, segment_ids_BxT, kv_positions_BxS,
-                   kv_segment_ids_BxS, cache_index)
+                   kv_segment_ids_BxS, cache_index, rope_tables)
 
     lo = cfg.frozen_layers
     if lo:  # Training only (see ModelConfig.frozen_layers).
