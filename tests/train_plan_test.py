@@ -34,6 +34,8 @@ def test_plan_matches_the_real_state_per_device():
 def test_device_kinds_and_bad_input():
   assert plan_lib.device_memory("NVIDIA H100 80GB HBM3") == 80 * 1024 ** 3
   assert plan_lib.device_memory("NVIDIA A100-SXM4-40GB") == 40 * 1024 ** 3
+  assert plan_lib.device_memory("NVIDIA H200") == 141 * 1024 ** 3
+  assert plan_lib.device_memory("NVIDIA GH200 480GB") == 96 * 1024 ** 3
   assert plan_lib.device_memory("TPU v5 lite") == 16 * 1024 ** 3
   assert plan_lib.device_memory("abacus") is None
   with pytest.raises(SystemExit) as e:

@@ -40,7 +40,8 @@ examples:
 
 # Device memory in GiB by device-kind substring (first match wins).
 DEVICE_MEMORY_GIB = (
-    ("H200", 141), ("H100", 80), ("GH200", 96), ("A100-SXM4-40GB", 40), ("A100-PCIE-40GB", 40),
+    ("GH200", 96), ("H200", 141), ("H100", 80), ("A100-SXM4-40GB", 40),
+    ("A100-PCIE-40GB", 40),
     ("A100", 80), ("L40", 48), ("L4", 24), ("A10", 24), ("4090", 24),
     ("3090", 24), ("TPU v5 lite", 16), ("TPU v5e", 16), ("TPU v5p", 95),
     ("TPU v5", 95), ("TPU v6", 32), ("TPU v4", 32))
