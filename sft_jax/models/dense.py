@@ -6,9 +6,11 @@ transpose into the dot by copying the cotangent g (tokens x O, the largest
 tensor involved: the logits' gradient for the unembedding) into a transposed
 layout and running a both-operands-transposed dot outside its fast GEMM
 path. For the 8 x 512-token, 8000-word unembedding this took 2.2x the time of
-the plain `einsum("bti,bto->io", x, g)` below, which XLA runs as one GEMM
-after transposing the small x. The numbers are the same (it is the same
-contraction); other backends lower either form equally well.
+the plain x^T g below, which XLA runs as one GEMM after transposing the small
+x. It is written over [tokens, features] views: as a 3-D contraction over
+(b, t) XLA:CPU ran a slower GEMM and fused the transpose into x's producer as
+a strided loop. The numbers are the same (it is the same contraction); other
+backends lower every form equally well.
 """
 
 import functools
@@ -40,8 +42,6 @@ def _matmul_bwd(out_dtype, residuals, g_BxTxO):
   del out_dtype
   x_BxTxI, w_IxO = residuals
   dx_BxTxI = jnp.einsum("bto,io->bti", g_BxTxO, w_IxO)
-  # Over [tokens, features] views: XLA:CPU runs the 3-D contraction over
-  # (b, t) 25-30% slower, and fuses its operand transpose worse.
   dw_IxO = jax.lax.dot_general(
       x_BxTxI.reshape(-1, x_BxTxI.shape[-1]),
       g_BxTxO.reshape(-1, g_BxTxO.shape[-1]), (((0,), (0,)), ((), ())))
