@@ -144,13 +144,13 @@ def _keys(plan: _Plan, block: int, s: int) -> tuple[int, int]:
 
 
 def _masks(plan, q_ord, q_seg, kv_ord, kv_seg, window):
-  """Per block: (rows, (lo, hi), its [B, C, hi - lo] mask)."""
+  """Per block: ((lo, hi), its [B, C, hi - lo] mask)."""
   window = window if plan.window == "traced" else plan.window
   out = []
   for i in range(plan.blocks):
     rows = slice(i * plan.chunk, (i + 1) * plan.chunk)
     lo, hi = _keys(plan, i, kv_ord.shape[1])
-    out.append((rows, (lo, hi), attention_lib.attention_mask(
+    out.append(((lo, hi), attention_lib.attention_mask(
         q_ord[:, rows], q_seg[:, rows], kv_ord[:, lo:hi], kv_seg[:, lo:hi],
         window)))
   return out
@@ -167,7 +167,7 @@ def _attend_fwd(plan, q_BxNxGxTxK, k_BxNxSxK, v_BxNxSxK, q_ord, q_seg,
                 kv_ord, kv_seg, window):
   b, n, g, _, d = q_BxNxGxTxK.shape
   outs, stats = [], []
-  for q, (_, (lo, hi), mask) in zip(
+  for q, ((lo, hi), mask) in zip(
       _as_blocks(plan, q_BxNxGxTxK),
       _masks(plan, q_ord, q_seg, kv_ord, kv_seg, window)):
     out, row_stats = _block_fwd(q, k_BxNxSxK[:, :, lo:hi],
@@ -192,7 +192,7 @@ def _attend_bwd(plan, residuals, dout_BxNxGxTxK):
   width = plan.chunk if plan.train else s
   dk_parts, dv_parts = [None] * (s // width), [None] * (s // width)
   dqs = []
-  for q, o, do, (max_, sum_), (_, (lo, hi), mask) in zip(
+  for q, o, do, (max_, sum_), ((lo, hi), mask) in zip(
       _as_blocks(plan, q_all), _as_blocks(plan, out),
       _as_blocks(plan, dout_BxNxGxTxK), stats,
       _masks(plan, q_ord, q_seg, kv_ord, kv_seg, window)):

@@ -15,7 +15,8 @@ Params (a plain nested dict; layers stacked on a leading L axis):
 Kernels are [in, out]. LoRA lives in the "lora" collection at the same
 module paths: a [L, in, R], b [L, R, out].
 
-Rotary frequencies and the layer index are scanned inputs. The attention
+The layer index and each layer's row of the RoPE tables (rope.py, computed
+once per forward pass) are scanned inputs. The attention
 pattern is static: the stack is scanned in groups of one period of patterns
 (layer_scan.py), so each layer compiles only its own window as a Python int
 (for splash LocalMask, cuDNN, block skipping), with the same params tree.
@@ -33,13 +34,13 @@ import flax.linen as nn
 import jax
 from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
-import numpy as np
 
 from sft_jax.models import attention as attention_lib
 from sft_jax.models import dense
 from sft_jax.models import layer_scan
 from sft_jax.models import quant as quant_lib
 from sft_jax.models import remat as remat_lib
+from sft_jax.models import rope
 from sft_jax.models.config import ModelConfig
 from sft_jax.models.sharding import constrain
 from sft_jax.models.sharding import constrain_weight
@@ -133,27 +134,6 @@ class _RMSNorm(nn.Module):
     return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def _rope_tables(positions_BxT, inv_freq_UxK2, dtype):
-  """cos and sin of the rotary angles, [U, B, T, 1, K/2] each.
-
-  One table per distinct inverse-frequency row (Gemma-3's local and global
-  layers differ), computed once for the whole stack in float32 and read by
-  every layer. Inside each layer, XLA would recompute the sine and cosine
-  for every head of q and k (a transcendental per element).
-  """
-  angles_UxBxTxK2 = (positions_BxT[None, :, :, None].astype(jnp.float32)
-                     * inv_freq_UxK2[:, None, None, :])
-  return tuple(f(angles_UxBxTxK2)[:, :, :, None, :].astype(dtype)
-               for f in (jnp.cos, jnp.sin))
-
-
-def _rope(x_BxTxHxK, cos_BxTx1xK2, sin_BxTx1xK2):
-  """Rotary embedding, rotate-half layout."""
-  x1, x2 = jnp.split(x_BxTxHxK, 2, axis=-1)
-  return jnp.concatenate([x1 * cos_BxTx1xK2 - x2 * sin_BxTx1xK2,
-                          x2 * cos_BxTx1xK2 + x1 * sin_BxTx1xK2], axis=-1)
-
-
 class _Attention(nn.Module):
   cfg: ModelConfig
   window: int = 0  # static sliding window; 0 = unlimited
@@ -177,10 +157,9 @@ class _Attention(nn.Module):
     if cfg.qk_norm:
       q_BxTxHxK = _RMSNorm(cfg, name="q_norm")(q_BxTxHxK)
       k_BxTxNxK = _RMSNorm(cfg, name="k_norm")(k_BxTxNxK)
-    cos_sin = tuple(t[0] if t.shape[0] == 1 else t[layer["rope"]]
-                    for t in rope_tables)
-    q_BxTxHxK = _rope(q_BxTxHxK, *cos_sin).astype(q_BxTxHxK.dtype)
-    k_BxTxNxK = _rope(k_BxTxNxK, *cos_sin).astype(k_BxTxNxK.dtype)
+    cos_sin = rope.layer_tables(rope_tables, layer["rope"])
+    q_BxTxHxK = rope.apply(q_BxTxHxK, *cos_sin)
+    k_BxTxNxK = rope.apply(k_BxTxNxK, *cos_sin)
     if kv_cache is None:
       new_cache, mode = None, "train"
       k_all, v_all = k_BxTxNxK, v_BxTxNxK
@@ -384,12 +363,10 @@ class Transformer(nn.Module):
 
     embedder = _Embed(cfg, name="embedder")
     x_BxTxD = constrain(embedder(tokens_BxT), _BTD)
-    inv_freq_UxK2, rope_rows = np.unique(cfg.layer_inv_freq(), axis=0,
-                                         return_inverse=True)
-    rope_tables = _rope_tables(positions_BxT, jnp.asarray(inv_freq_UxK2),
-                               jnp.dtype(cfg.dtype))
+    rope_tables, rope_rows = rope.stack_tables(
+        cfg.layer_inv_freq(), positions_BxT, jnp.dtype(cfg.dtype))
     layer_inputs = {"index": jnp.arange(cfg.num_layers, dtype=jnp.int32),
-                    "rope": jnp.asarray(rope_rows.reshape(-1), jnp.int32)}
+                    "rope": rope_rows}
     if cfg.remat not in remat_lib.POLICIES:
       remat_lib.policy(cfg.remat)  # raises the unknown-policy error
 
